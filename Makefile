@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` (set up + main job), `make test` (set up + tests).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU-only machines take the CPU build of torch that pip finds locally; a machine
+# with an NVIDIA GPU takes the default (CUDA) build.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+STAMP  := $(VENV)/.pyfastpo-installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton==3.8.0 numpy
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Triton kernels run on the CPU under the interpreter when no GPU is present
+# (tests/conftest.py sets TRITON_INTERPRET=1 in that case).
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m pyfastpo.demo
+
+clean:
+	rm -rf build *.egg-info pyfastpo/*.so $(VENV)

@@ -1,0 +1,1 @@
+"""Triton kernels of pyfastpo, installed as ``pyfastpo.kernels``."""

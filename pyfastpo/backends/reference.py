@@ -1,0 +1,80 @@
+"""Pure-PyTorch backend: the oracle every other backend is tested against.
+
+It works on any device and dtype (float64 included), touches only tokens whose
+label is valid, and processes them in chunks of rows so that it never holds a
+float32 copy of the whole logits: peak extra memory is a few chunks of
+``CHUNK_BYTES``, not ``N * T * V``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import TokenStats
+
+name = "reference"
+
+CHUNK_BYTES = 32 << 20
+"""Target size of one float32 working chunk of rows (bytes)."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """The reference backend runs on every device."""
+    return None
+
+
+def _valid_chunks(labels: torch.Tensor, ignore_index: int, vocab: int):
+    """Yield ``(n_idx, t_idx)`` index pairs of valid tokens, a bounded chunk at a time."""
+    n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
+    rows = max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+    for start in range(0, n_idx.numel(), rows):
+        yield n_idx[start : start + rows], t_idx[start : start + rows]
+
+
+def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
+    """Per-token logp, lse, entropy and logit sum; see :mod:`pyfastpo.backends.base`."""
+    n, t, v = logits.shape
+    cdtype = compute_dtype(logits.dtype)
+    stats = torch.zeros(4, n, t, dtype=cdtype, device=logits.device)
+    for n_idx, t_idx in _valid_chunks(labels, ignore_index, v):
+        x = logits[n_idx, t_idx].to(cdtype)  # [rows, V]
+        y = labels[n_idx, t_idx]
+        lse = torch.logsumexp(x, dim=-1)
+        p = torch.exp(x - lse[:, None])
+        # p * x with p == 0 at x == -inf would be nan; such a column adds nothing.
+        weighted = torch.where(p > 0, p * x, torch.zeros((), dtype=cdtype, device=x.device))
+        stats[0, n_idx, t_idx] = x.gather(1, y[:, None]).squeeze(1) - lse
+        stats[1, n_idx, t_idx] = lse
+        stats[2, n_idx, t_idx] = lse - weighted.sum(-1)
+        stats[3, n_idx, t_idx] = x.sum(-1)
+    return TokenStats(*stats.unbind(0))
+
+
+def backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    out: torch.Tensor,
+) -> None:
+    """Write ``g[n] * (onehot - softmax)`` into ``out`` (may alias ``logits``)."""
+    v = logits.shape[-1]
+    cdtype = compute_dtype(logits.dtype)
+    ignored = labels == ignore_index
+    if ignored.any():
+        out[ignored] = 0
+    for n_idx, t_idx in _valid_chunks(labels, ignore_index, v):
+        x = logits[n_idx, t_idx].to(cdtype)
+        y = labels[n_idx, t_idx][:, None]
+        g = grad_scale[n_idx].to(cdtype)[:, None]
+        p = torch.exp(x - lse[n_idx, t_idx].to(cdtype)[:, None])
+        grad = -g * p
+        # The target column as g * (1 - p_y), computed in the compute dtype.
+        grad.scatter_(1, y, g * (1 - p.gather(1, y)))
+        out[n_idx, t_idx] = grad.to(out.dtype)

@@ -1,0 +1,98 @@
+"""``sequence_logps``: logits ``[N, T, V]`` to one log-probability per sequence.
+
+The one heavy operation of a preference step, as a ``torch.autograd.Function``
+over interchangeable backends (see :mod:`pyfastpo.backends`). Backends compute
+per-token statistics; this module validates, reduces per sequence in a fixed
+order (deterministic: no atomics) and wires the backward.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .backends import get_backend
+from .validation import check_logits_labels
+
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence results of :func:`sequence_logps`, each ``[N]``.
+
+    logps: float32 (float64 for float64 logits), sum of valid tokens' log-probs;
+        the only differentiable output.
+    num_tokens: int64, number of valid (not ignored) tokens.
+    entropy: summed per-token entropy in nats (None unless ``return_entropy``).
+    mean_logits: mean logit over valid tokens and the vocabulary (0 for a row
+        with no valid token); TRL's ``logits/chosen`` metric is its token-weighted mean.
+    """
+
+    logps: torch.Tensor
+    num_tokens: torch.Tensor
+    entropy: torch.Tensor | None
+    mean_logits: torch.Tensor
+
+
+class _SequenceLogpsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, backend, inplace_backward):
+        stats = backend.forward(logits, labels, ignore_index)
+        num_tokens = (labels != ignore_index).sum(dim=1)
+        logps = stats.logp.sum(dim=1)
+        entropy = stats.entropy.sum(dim=1)
+        denom = (num_tokens * logits.shape[-1]).clamp_min(1).to(stats.sum_logits.dtype)
+        mean_logits = stats.sum_logits.sum(dim=1) / denom
+        ctx.save_for_backward(logits, labels, stats.lse)
+        ctx.backend = backend
+        ctx.ignore_index = ignore_index
+        ctx.inplace = inplace_backward
+        ctx.mark_non_differentiable(num_tokens, entropy, mean_logits)
+        return logps, num_tokens, entropy, mean_logits
+
+    @staticmethod
+    def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
+        logits, labels, lse = ctx.saved_tensors
+        grad_scale = grad_logps.to(lse.dtype).contiguous()
+        out = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        ctx.backend.backward(logits, labels, lse, grad_scale, ctx.ignore_index, out)
+        if ctx.inplace:
+            # The logits now hold their gradient: make any other saved use of them fail loudly.
+            torch.autograd.graph.increment_version(logits)
+        return out, None, None, None, None
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    inplace_backward: bool = True,
+) -> SequenceLogps:
+    """Sum of per-token log-probabilities of ``labels`` under ``logits``, per sequence.
+
+    Args:
+        logits: ``[N, T, V]`` float32, bfloat16, float16 or float64 (reference
+            backend only); the last dim must have stride 1, other strides are
+            free (``logits[:, :-1]`` is never copied). Math is done in float32.
+        labels: ``[N, T]`` integer, already aligned with ``logits`` (the caller
+            shifts); ``ignore_index`` marks tokens that do not count.
+        return_entropy: also return the summed per-token entropy (nats).
+        backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpp"``.
+        inplace_backward: write the gradient into the logits' own storage (no
+            second logits-sized tensor). Applies only to logits produced by
+            autograd (non-leaf); a leaf tensor the caller owns is never
+            overwritten. The logits' version counter is bumped, so any other
+            user of them fails loudly instead of reading the gradient.
+
+    Returns:
+        :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``.
+    """
+    labels = check_logits_labels(logits, labels, ignore_index)
+    impl = get_backend(backend, logits.device, logits.dtype)
+    inplace = bool(inplace_backward) and logits.grad_fn is not None
+    logps, num_tokens, entropy, mean_logits = _SequenceLogpsFunction.apply(
+        logits, labels, int(ignore_index), impl, inplace
+    )
+    return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)
