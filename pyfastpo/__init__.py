@@ -1,12 +1,26 @@
 """pyfastpo: a fused, memory-lean loss backend for preference optimization.
 
-Public API (see README.md and ../DESIGN.md):
-``sequence_logps``, ``preference_loss``, ``fused_preference_loss``,
-``available_backends``.
+Public API (README.md has the details and an example):
+
+- :func:`sequence_logps`: logits ``[N, T, V]`` to per-sequence log-probs, the heavy op.
+- :func:`preference_loss`: the loss zoo on per-sequence tensors.
+- :func:`fused_preference_loss`: both in one call, from logits.
+- :func:`available_backends`: what this install can run.
 """
 
 from .backends import available_backends
+from .fused import FusedPreferenceLossOutput, fused_preference_loss
+from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
 from .sequence_logps import SequenceLogps, sequence_logps
 
-__all__ = ["SequenceLogps", "available_backends", "sequence_logps"]
+__all__ = [
+    "LOSS_TYPES",
+    "FusedPreferenceLossOutput",
+    "PreferenceLossOutput",
+    "SequenceLogps",
+    "available_backends",
+    "fused_preference_loss",
+    "preference_loss",
+    "sequence_logps",
+]
 __version__ = "0.1.0"

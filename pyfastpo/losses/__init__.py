@@ -1,0 +1,17 @@
+"""The loss zoo: small functions on per-sequence tensors of size B (pairs)."""
+
+from .mallows import dispersion_from_entropy, mallows_kendall_log_prob
+from .pairwise import LOSSES, PairTerms
+from .preference_loss import PreferenceLossOutput, preference_loss
+
+LOSS_TYPES = tuple(LOSSES)
+"""Every accepted ``loss_type``."""
+
+__all__ = [
+    "LOSS_TYPES",
+    "PairTerms",
+    "PreferenceLossOutput",
+    "dispersion_from_entropy",
+    "mallows_kendall_log_prob",
+    "preference_loss",
+]

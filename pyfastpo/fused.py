@@ -1,0 +1,102 @@
+"""``fused_preference_loss``: policy (and reference) logits to the preference loss in one call."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .losses import PreferenceLossOutput, preference_loss
+from .losses.pairwise import MALLOWS
+from .sequence_logps import SequenceLogps, sequence_logps
+from .validation import check_pairs
+
+
+class FusedPreferenceLossOutput(NamedTuple):
+    """:class:`PreferenceLossOutput`'s fields plus the per-sequence stats.
+
+    policy: :class:`SequenceLogps` of the policy logits, ``[N]`` each.
+    reference: the same for the reference logits (None when reference log-probs
+        were given precomputed or training is reference-free).
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict
+    policy: SequenceLogps
+    reference: SequenceLogps | None
+
+
+def _halves(x: torch.Tensor | None):
+    return (None, None) if x is None else x.chunk(2)
+
+
+def fused_preference_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    loss_type="sigmoid",
+    ignore_index: int = -100,
+    backend: str = "auto",
+    inplace_backward: bool = True,
+    **loss_kwargs,
+) -> FusedPreferenceLossOutput:
+    """Preference loss straight from logits: ``sequence_logps`` then ``preference_loss``.
+
+    Args:
+        logits: ``[N, T, V]`` policy logits, N even: rows ``[:N/2]`` are the
+            chosen completions, rows ``[N/2:]`` their rejected partners.
+        labels: ``[N, T]`` aligned with ``logits`` (shifted by the caller);
+            prompt and padding tokens set to ``ignore_index``.
+        ref_logits: ``[N, T, V]`` reference-model logits (used without
+            gradient; their entropies feed the Mallows losses), or
+        ref_chosen_logps, ref_rejected_logps: ``[N/2]`` precomputed reference
+            log-probs. Neither: reference-free.
+        loss_type, **loss_kwargs: as :func:`pyfastpo.preference_loss`; token
+            counts and ``vocab_size`` are filled in from the logits.
+        backend, inplace_backward, ignore_index: as :func:`pyfastpo.sequence_logps`.
+
+    Returns:
+        :class:`FusedPreferenceLossOutput`; its metrics add TRL's
+        ``logits/chosen`` and ``logits/rejected``.
+    """
+    check_pairs(logits.shape[0] if logits.dim() == 3 else 0)
+    if ref_logits is not None and ref_chosen_logps is not None:
+        raise ValueError("give ref_logits or ref_chosen_logps/ref_rejected_logps, not both")
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    needs_entropy = bool(MALLOWS & set(types)) and loss_kwargs.get("dispersion") is None
+
+    policy = sequence_logps(
+        logits, labels, ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward
+    )
+    reference = None
+    if ref_logits is not None:
+        if tuple(ref_logits.shape) != tuple(logits.shape):
+            raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
+        with torch.no_grad():
+            reference = sequence_logps(
+                ref_logits, labels, ignore_index=ignore_index, return_entropy=needs_entropy, backend=backend
+            )
+        ref_chosen_logps, ref_rejected_logps = reference.logps.chunk(2)
+        if needs_entropy:
+            loss_kwargs.setdefault("ref_chosen_entropy", reference.entropy.chunk(2)[0])
+            loss_kwargs.setdefault("ref_rejected_entropy", reference.entropy.chunk(2)[1])
+
+    chosen_logps, rejected_logps = policy.logps.chunk(2)
+    nc, nr = policy.num_tokens.chunk(2)
+    loss_kwargs.setdefault("chosen_num_tokens", nc)
+    loss_kwargs.setdefault("rejected_num_tokens", nr)
+    loss_kwargs.setdefault("vocab_size", logits.shape[-1])
+    out: PreferenceLossOutput = preference_loss(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_type, **loss_kwargs
+    )
+    metrics = dict(out.metrics)
+    for name, mean, count in zip(("chosen", "rejected"), policy.mean_logits.chunk(2), (nc, nr)):
+        # TRL's metric: the mean logit over all valid tokens of that half.
+        metrics[f"logits/{name}"] = (mean * count).sum() / count.sum().clamp_min(1)
+    return FusedPreferenceLossOutput(*out[:4], metrics, policy, reference)

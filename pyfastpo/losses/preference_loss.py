@@ -1,0 +1,229 @@
+"""``preference_loss``: per-sequence log-probs to a preference loss, rewards and metrics."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ..validation import check_same_device
+from .mallows import dispersion_from_entropy
+from .pairwise import LOSSES, MALLOWS, NEEDS_TOKEN_COUNTS, PairTerms
+
+
+class PreferenceLossOutput(NamedTuple):
+    """Result of :func:`preference_loss`.
+
+    loss: scalar, ``losses.mean()``; what to call ``backward()`` on.
+    losses: ``[B]`` per-pair loss (weighted sum over loss types plus BCR and NLL terms).
+    chosen_rewards, rejected_rewards: ``[B]`` detached ``beta * (logps - ref_logps)``.
+    metrics: detached 0-dim tensors under TRL's names (``rewards/chosen``,
+        ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+        ``logps/chosen``, ``logps/rejected``) plus ``mallows/dispersion``,
+        ``loss/bcr``, ``loss/nll`` when those terms are used. Call ``.item()`` to log.
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict
+
+
+def _as_list(loss_type: str | Sequence[str]) -> list[str]:
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def _check_options(types, weights, beta, label_smoothing) -> list[float]:
+    if not types:
+        raise ValueError("loss_type must name at least one loss type")
+    unknown = [t for t in types if t not in LOSSES]
+    if unknown:
+        raise ValueError(f"loss_type {unknown} is unknown; choose from {sorted(LOSSES)}")
+    weights = [1.0] * len(types) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types; give one per type")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if "robust" in types and not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for the 'robust' loss, got {label_smoothing}")
+    if "exo_pair" in types and not 0 < label_smoothing < 1:
+        raise ValueError(f"label_smoothing must lie in (0, 1) for 'exo_pair' (EXO suggests 1e-3), got {label_smoothing}")
+    return weights
+
+
+def _check_vector(name: str, value, size: int) -> None:
+    if value is not None and (not isinstance(value, torch.Tensor) or tuple(value.shape) != (size,)):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a tensor of shape [{size}] (one value per pair), got {shape}")
+
+
+def preference_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    gamma: float | None = None,
+    focal_gamma: float = 0.05,
+    focal_detach: bool = False,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    chosen_num_tokens: torch.Tensor | None = None,
+    rejected_num_tokens: torch.Tensor | None = None,
+    ref_chosen_entropy: torch.Tensor | None = None,
+    ref_rejected_entropy: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    dispersion_scale: float = 0.29,
+    dispersion: torch.Tensor | None = None,
+    bcr_weight: float = 0.0,
+    bcr_budget: float = 0.0,
+    bcr_per_token: bool = False,
+    nll_weight: float = 0.0,
+) -> PreferenceLossOutput:
+    """Preference loss from per-sequence log-probs; plain torch, autograd gives the gradient.
+
+    Args:
+        chosen_logps, rejected_logps: ``[B]`` policy log-probs of each pair's
+            chosen and rejected completion (float32 or float64; lower
+            precisions are computed in float32).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` reference log-probs, or
+            None for reference-free training (treated as 0).
+        loss_type: a name or a list of names (see README's table); with a list,
+            ``loss_weights`` (default all 1) weights each type's mean.
+        beta: inverse temperature of the implicit reward.
+        label_smoothing: flip rate for ``robust``, ``aot``, ``aot_unpaired``; the
+            target smoothing for ``exo_pair``.
+        gamma: shorthand for ``focal_gamma`` (``focalpo``) or ``simpo_gamma``
+            (``simpo``), whichever is in ``loss_type``.
+        focal_gamma, focal_detach: FocalPO's exponent and whether to stop the
+            gradient through the modulating factor.
+        simpo_gamma: SimPO's target margin.  discopop_tau: DiscoPOP's temperature.
+        chosen_num_tokens, rejected_num_tokens: ``[B]`` completion token counts;
+            needed by ``ipo``, ``sigmoid_norm``, ``sft``, ``simpo``, the Mallows
+            dispersion from entropies, ``bcr_per_token`` and ``nll_weight``.
+            Zero counts are treated as one (no NaN).
+        ref_chosen_entropy, ref_rejected_entropy, vocab_size, dispersion_scale:
+            the reference's summed token entropies ``[B]``, V and ``c``, from
+            which the Mallows losses estimate the dispersion ``phi``.
+        dispersion: ``[B]`` dispersion ``phi`` in (0, 1] given directly instead.
+        bcr_weight, bcr_budget, bcr_per_token: budget-controlled regularization
+            ``bcr_weight * relu(ref_chosen - chosen - bcr_budget)`` (the drop
+            divided by the chosen token count when ``bcr_per_token``).
+        nll_weight: weight of the chosen completion's per-token NLL (RPO).
+
+    Returns:
+        :class:`PreferenceLossOutput`.
+    """
+    types = _as_list(loss_type)
+    weights = _check_options(types, loss_weights, beta, label_smoothing)
+    if gamma is not None:
+        if "focalpo" in types and "simpo" in types:
+            raise ValueError("gamma is ambiguous with both 'focalpo' and 'simpo': pass focal_gamma and simpo_gamma")
+        focal_gamma = gamma if "focalpo" in types else focal_gamma
+        simpo_gamma = gamma if "simpo" in types else simpo_gamma
+
+    b = chosen_logps.shape[0] if isinstance(chosen_logps, torch.Tensor) and chosen_logps.dim() == 1 else -1
+    if b < 1:
+        raise ValueError("chosen_logps must be a non-empty tensor of shape [B] (one value per pair)")
+    vectors = dict(
+        rejected_logps=rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+        chosen_num_tokens=chosen_num_tokens,
+        rejected_num_tokens=rejected_num_tokens,
+        ref_chosen_entropy=ref_chosen_entropy,
+        ref_rejected_entropy=ref_rejected_entropy,
+        dispersion=dispersion,
+    )
+    for name, value in vectors.items():
+        _check_vector(name, value, b)
+    check_same_device(chosen_logps=chosen_logps, **vectors)
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+
+    dtype = torch.promote_types(chosen_logps.dtype, torch.float32)
+    chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
+    ref_chosen = chosen.new_zeros(b) if ref_chosen_logps is None else ref_chosen_logps.to(dtype)
+    ref_rejected = chosen.new_zeros(b) if ref_rejected_logps is None else ref_rejected_logps.to(dtype)
+
+    needs_counts = [t for t in types if t in NEEDS_TOKEN_COUNTS]
+    needs_counts += ["bcr_per_token"] if bcr_per_token and bcr_weight else []
+    needs_counts += ["nll_weight"] if nll_weight else []
+    have_counts = chosen_num_tokens is not None and rejected_num_tokens is not None
+    if needs_counts and not have_counts:
+        raise ValueError(f"{needs_counts} need chosen_num_tokens and rejected_num_tokens (completion token counts)")
+    nc = chosen_num_tokens.to(dtype).clamp_min(1) if chosen_num_tokens is not None else None
+    nr = rejected_num_tokens.to(dtype).clamp_min(1) if rejected_num_tokens is not None else None
+
+    phi = None
+    if MALLOWS & set(types):
+        phi = _mallows_dispersion(
+            dispersion,
+            ref_chosen_entropy,
+            ref_rejected_entropy,
+            chosen_num_tokens,
+            rejected_num_tokens,
+            vocab_size,
+            dispersion_scale,
+        ).to(dtype)
+
+    terms = PairTerms(
+        chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing, nc, nr, phi,
+        focal_gamma, focal_detach, simpo_gamma, discopop_tau,
+    )  # fmt: skip
+    losses = sum(w * LOSSES[t](terms) for t, w in zip(types, weights))
+    metrics = {}
+    if bcr_weight:
+        drop = ref_chosen - chosen
+        bcr = bcr_weight * torch.relu((drop / nc if bcr_per_token else drop) - bcr_budget)
+        losses = losses + bcr
+        metrics["loss/bcr"] = bcr.detach().mean()
+    if nll_weight:
+        nll = nll_weight * (-chosen / nc)
+        losses = losses + nll
+        metrics["loss/nll"] = nll.detach().mean()
+
+    chosen_rewards = (beta * terms.dc).detach()
+    rejected_rewards = (beta * terms.dr).detach()
+    metrics.update(
+        {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).to(dtype).mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean(),
+        }
+    )
+    if phi is not None:
+        metrics["mallows/dispersion"] = phi.detach().mean()
+    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)
+
+
+def _mallows_dispersion(dispersion, hc, hr, nc, nr, vocab_size, scale) -> torch.Tensor:
+    if dispersion is not None:
+        if bool(((dispersion <= 0) | (dispersion > 1)).any()):
+            raise ValueError("dispersion must lie in (0, 1] (1: uniform preferences)")
+        return dispersion
+    missing = [
+        name
+        for name, value in dict(
+            ref_chosen_entropy=hc,
+            ref_rejected_entropy=hr,
+            chosen_num_tokens=nc,
+            rejected_num_tokens=nr,
+            vocab_size=vocab_size,
+        ).items()
+        if value is None
+    ]
+    if missing:
+        raise ValueError(
+            f"the Mallows losses need a dispersion: pass dispersion=, or {missing} "
+            "(reference entropies from sequence_logps(ref_logits, labels, return_entropy=True))"
+        )
+    return dispersion_from_entropy(hc, hr, nc, nr, vocab_size, scale)
