@@ -1,0 +1,313 @@
+"""Every loss type against an independent formula written here, value and gradient."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import pyfastpo
+from pyfastpo.losses import LOSS_TYPES, dispersion_from_entropy, mallows_kendall_log_prob
+
+B = 6
+BETA = 0.3
+EPS = 0.15  # label smoothing
+FOCAL_GAMMA = 0.7
+SIMPO_GAMMA = 0.4
+TAU = 0.05
+
+
+def ls(x):
+    """log(sigmoid(x)), written independently of torch.nn.functional."""
+    return -torch.log1p(torch.exp(-x))
+
+
+def sig(x):
+    return 1 / (1 + torch.exp(-x))
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda: torch.randn(B, generator=g, dtype=torch.float64)  # noqa: E731
+    nc = torch.randint(1, 30, (B,), generator=g)
+    nr = torch.randint(1, 30, (B,), generator=g)
+    unit = lambda: torch.rand(B, generator=g, dtype=torch.float64)  # noqa: E731
+    return dict(
+        c=-40 + 4 * r(),
+        r=-42 + 4 * r(),
+        rc=-41 + 4 * r(),
+        rr=-41 + 4 * r(),
+        nc=nc,
+        nr=nr,
+        # Summed token entropies: each token's entropy is at most log V.
+        hc=unit() * nc * math.log(V),
+        hr=unit() * nr * math.log(V),
+    )
+
+
+V = 1000
+C_DISP = 0.29
+
+
+def phi_of(x):
+    hbar = (x["hc"] / (x["nc"] * math.log(V)) + x["hr"] / (x["nr"] * math.log(V))) / 2
+    return hbar**C_DISP
+
+
+def mallows_p(margin, phi):
+    """P(chosen wins) by the textbook Mallows-Kendall marginal g(d) = h(d+1) - h(d), h(k) = k/(1-phi^k)."""
+    h = lambda k: k / (1 - phi**k)  # noqa: E731
+    d = margin.abs()
+    g = h(d + 1) - h(d)
+    return torch.where(margin >= 0, g, 1 - g)
+
+
+def expected(loss_type, x):
+    """Independent per-pair formulas (float64)."""
+    c, r, rc, rr, nc, nr = x["c"], x["r"], x["rc"], x["rr"], x["nc"], x["nr"]
+    dc, dr = c - rc, r - rr
+    h = BETA * (dc - dr)
+    theta = -torch.log(phi_of(x))
+    formulas = {
+        "sigmoid": lambda: -ls(h),
+        "robust": lambda: ((1 - EPS) * -ls(h) - EPS * -ls(-h)) / (1 - 2 * EPS),
+        "hinge": lambda: torch.clamp(1 - h, min=0),
+        "ipo": lambda: (dc / nc - dr / nr - 1 / (2 * BETA)) ** 2,
+        "exo_pair": lambda: sig(h) * (ls(h) - math.log(1 - EPS)) + sig(-h) * (ls(-h) - math.log(EPS)),
+        "nca_pair": lambda: -ls(BETA * dc) - 0.5 * ls(-BETA * dc) - 0.5 * ls(-BETA * dr),
+        "bco_pair": lambda: -ls(BETA * dc) - ls(-BETA * dr),
+        "sppo_hard": lambda: (dc - 1 / (2 * BETA)) ** 2 + (dr + 1 / (2 * BETA)) ** 2,
+        "aot": lambda: (1 - EPS) * -ls(BETA * (torch.sort(c - r).values - torch.sort(rc - rr).values))
+        + EPS * -ls(-BETA * (torch.sort(c - r).values - torch.sort(rc - rr).values)),
+        "aot_unpaired": lambda: (1 - EPS) * -ls(BETA * (torch.sort(dc).values - torch.sort(dr).values))
+        + EPS * -ls(-BETA * (torch.sort(dc).values - torch.sort(dr).values)),
+        "apo_zero": lambda: (1 - sig(BETA * dc)) + sig(BETA * dr),
+        "apo_down": lambda: sig(BETA * dc) + (1 - sig(BETA * (dc - dr))),
+        "discopop": lambda: -ls(h) * (1 - sig(h / TAU)) + torch.exp(-h) * sig(h / TAU),
+        "sigmoid_norm": lambda: -ls(BETA * (dc / nc - dr / nr)),
+        "sft": lambda: (-c.sum() / nc.sum()).expand(B),
+        "focalpo": lambda: -(sig(h) ** FOCAL_GAMMA) * ls(h),
+        "mallows_dpo": lambda: -ls(theta * h),
+        "mallows_ipo": lambda: (theta * (dc - dr) - 1 / (2 * BETA)) ** 2,
+        "mallows_phi": lambda: -torch.log(mallows_p(h, phi_of(x))),
+        "simpo": lambda: -ls(BETA * (c / nc - r / nr) - SIMPO_GAMMA),
+    }
+    return formulas[loss_type]()
+
+
+def ours(loss_type, x, **kw):
+    c = x["c"].clone().requires_grad_()
+    r = x["r"].clone().requires_grad_()
+    kwargs = dict(
+        loss_type=loss_type,
+        beta=BETA,
+        label_smoothing=EPS,
+        focal_gamma=FOCAL_GAMMA,
+        simpo_gamma=SIMPO_GAMMA,
+        discopop_tau=TAU,
+        chosen_num_tokens=x["nc"],
+        rejected_num_tokens=x["nr"],
+        ref_chosen_entropy=x["hc"],
+        ref_rejected_entropy=x["hr"],
+        vocab_size=V,
+        dispersion_scale=C_DISP,
+    )
+    kwargs.update(kw)
+    out = pyfastpo.preference_loss(c, r, x["rc"], x["rr"], **kwargs)
+    out.loss.backward()
+    return out, c.grad, r.grad
+
+
+def test_every_loss_type_is_tested():
+    x = batch()
+    for t in LOSS_TYPES:  # expected() raises KeyError for a type without a formula
+        expected(t, x)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_value_and_gradient(loss_type):
+    x = batch()
+    out, gc, gr = ours(loss_type, x)
+    want = expected(loss_type, x)
+    torch.testing.assert_close(out.losses, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.loss, want.mean(), rtol=1e-10, atol=1e-10)
+    c = x["c"].clone().requires_grad_()
+    r = x["r"].clone().requires_grad_()
+    expected(loss_type, {**x, "c": c, "r": r}).mean().backward()
+    torch.testing.assert_close(gc, c.grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(gr, r.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_focal_gradient_closed_form():
+    """d/dh [-p^g log p] = -p^g (1 - p) (g log p + 1); detached: -p^g (1 - p)."""
+    x = batch(1)
+    h = BETA * ((x["c"] - x["rc"]) - (x["r"] - x["rr"]))
+    p = sig(h)
+    for detach, dldh in [
+        (False, -(p**FOCAL_GAMMA) * (1 - p) * (FOCAL_GAMMA * torch.log(p) + 1)),
+        (True, -(p**FOCAL_GAMMA) * (1 - p)),
+    ]:
+        _, gc, gr = ours("focalpo", x, focal_detach=detach)
+        torch.testing.assert_close(gc, dldh * BETA / B)
+        torch.testing.assert_close(gr, -dldh * BETA / B)
+
+
+def test_mallows_dpo_gradient_closed_form():
+    """d/dh [-logsigmoid(theta h)] = -theta (1 - sigmoid(theta h))."""
+    x = batch(2)
+    h = BETA * ((x["c"] - x["rc"]) - (x["r"] - x["rr"]))
+    theta = -torch.log(phi_of(x))
+    _, gc, _ = ours("mallows_dpo", x)
+    torch.testing.assert_close(gc, -theta * (1 - sig(theta * h)) * BETA / B)
+
+
+def brute_force_pairwise(n_items: int, d: int, phi: float) -> float:
+    """P(item 0 precedes item d) under Mallows-Kendall over all permutations of n_items."""
+    num = den = 0.0
+    for perm in itertools.permutations(range(n_items)):
+        inv = sum(1 for i in range(n_items) for j in range(i + 1, n_items) if perm[i] > perm[j])
+        w = phi**inv
+        den += w
+        num += w * (perm.index(0) < perm.index(d))
+    return num / den
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+@pytest.mark.parametrize("phi", [0.2, 0.7])
+def test_mallows_phi_matches_enumerated_mallows_kendall(d, phi):
+    want = brute_force_pairwise(6, d, phi)
+    got = mallows_kendall_log_prob(torch.tensor([float(d)], dtype=torch.float64), torch.tensor(phi, dtype=torch.float64)).exp().item()
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_mallows_phi_limits():
+    m = torch.tensor([-30.0, -2.0, -1.0, -0.3, 0.3, 1.0, 2.0, 30.0], dtype=torch.float64)
+    # phi -> 1: uniform preferences, probability 1/2 whatever the margin.
+    p_uniform = mallows_kendall_log_prob(m, torch.tensor(1 - 1e-6)).exp()
+    torch.testing.assert_close(p_uniform, torch.full_like(m, 0.5), atol=1e-4, rtol=0)
+    phi = torch.tensor(0.4, dtype=torch.float64)
+    # Adjacent items (margin 1): 1 / (1 + phi).
+    assert mallows_kendall_log_prob(torch.tensor([1.0], dtype=torch.float64), phi).exp().item() == pytest.approx(
+        1 / 1.4
+    )
+    # Complementary: P(m) + P(-m) = 1 for m != 0.
+    p = mallows_kendall_log_prob(m, phi).exp()
+    torch.testing.assert_close(p + p.flip(0), torch.ones_like(m))
+    # Monotone in the margin, and -> 1 (log-prob -> 0) for a large margin; finite far below.
+    assert bool((p[1:] > p[:-1]).all())
+    assert mallows_kendall_log_prob(torch.tensor([1e4], dtype=torch.float64), phi).item() == pytest.approx(0, abs=1e-12)
+    assert torch.isfinite(mallows_kendall_log_prob(torch.tensor([-1e4], dtype=torch.float64), phi)).all()
+    # phi -> 0: a certain ranking, the higher reward always wins (margins >= 1 here).
+    p_sharp = mallows_kendall_log_prob(m[5:], torch.tensor(1e-6)).exp()
+    torch.testing.assert_close(p_sharp, torch.ones_like(p_sharp), atol=1e-4, rtol=0)
+
+
+def test_mallows_phi_gradient_is_finite_near_zero_margin():
+    m = torch.tensor([-1e-9, 0.0, 1e-9, 1e-3], dtype=torch.float64, requires_grad=True)
+    mallows_kendall_log_prob(m, torch.tensor(0.5)).sum().backward()
+    assert torch.isfinite(m.grad).all()
+
+
+def test_dispersion_from_entropy_and_direct():
+    x = batch(3)
+    phi = dispersion_from_entropy(x["hc"], x["hr"], x["nc"], x["nr"], V, C_DISP)
+    torch.testing.assert_close(phi, phi_of(x))
+    a, _, _ = ours("mallows_dpo", x)
+    b, _, _ = ours("mallows_dpo", x, dispersion=phi, ref_chosen_entropy=None, ref_rejected_entropy=None)
+    torch.testing.assert_close(a.losses, b.losses)
+    assert "mallows/dispersion" in a.metrics
+
+
+def test_bcr_and_nll_terms():
+    x = batch(4)
+    base, _, _ = ours("sigmoid", x)
+    budget, w = 0.5, 0.7
+    drop = x["rc"] - x["c"]
+    out, _, _ = ours("sigmoid", x, bcr_weight=w, bcr_budget=budget)
+    torch.testing.assert_close(out.losses, base.losses + w * torch.clamp(drop - budget, min=0))
+    out, _, _ = ours("sigmoid", x, bcr_weight=w, bcr_budget=budget, bcr_per_token=True)
+    torch.testing.assert_close(out.losses, base.losses + w * torch.clamp(drop / x["nc"] - budget, min=0))
+    out, _, _ = ours("sigmoid", x, nll_weight=0.3)
+    torch.testing.assert_close(out.losses, base.losses + 0.3 * -x["c"] / x["nc"])
+
+
+def test_bcr_is_free_within_budget():
+    x = batch(5)
+    base, gc0, _ = ours("sigmoid", x)
+    out, gc, _ = ours("sigmoid", x, bcr_weight=1.0, bcr_budget=1e6)
+    torch.testing.assert_close(out.loss, base.loss)
+    torch.testing.assert_close(gc, gc0)
+
+
+def test_weighted_list_of_loss_types():
+    x = batch(6)
+    out, _, _ = ours(["sigmoid", "ipo", "focalpo"], x, loss_weights=[1.0, 0.25, 2.0])
+    want = expected("sigmoid", x) + 0.25 * expected("ipo", x) + 2.0 * expected("focalpo", x)
+    torch.testing.assert_close(out.losses, want)
+
+
+def test_metrics_match_trl_definitions():
+    x = batch(7)
+    out, _, _ = ours("sigmoid", x)
+    rc, rr = BETA * (x["c"] - x["rc"]), BETA * (x["r"] - x["rr"])
+    m = out.metrics
+    torch.testing.assert_close(m["rewards/chosen"], rc.mean())
+    torch.testing.assert_close(m["rewards/rejected"], rr.mean())
+    torch.testing.assert_close(m["rewards/margins"], (rc - rr).mean())
+    torch.testing.assert_close(m["rewards/accuracies"], (rc > rr).double().mean())
+    torch.testing.assert_close(m["logps/chosen"], x["c"].mean())
+    torch.testing.assert_close(m["logps/rejected"], x["r"].mean())
+    torch.testing.assert_close(out.chosen_rewards, rc)
+
+
+def test_reference_free_defaults_to_zero():
+    x = batch(8)
+    a = pyfastpo.preference_loss(x["c"], x["r"], beta=BETA)
+    b = pyfastpo.preference_loss(x["c"], x["r"], torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64), beta=BETA)
+    torch.testing.assert_close(a.losses, b.losses)
+
+
+def test_gamma_shorthand():
+    x = batch(9)
+    a, _, _ = ours("focalpo", x, gamma=0.3, focal_gamma=99)
+    b, _, _ = ours("focalpo", x, focal_gamma=0.3)
+    torch.testing.assert_close(a.losses, b.losses)
+    with pytest.raises(ValueError, match="ambiguous"):
+        ours(["focalpo", "simpo"], x, gamma=0.3)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "simpo", "sigmoid_norm", "sft", "mallows_dpo"])
+def test_zero_token_counts_give_no_nan(loss_type):
+    x = batch(10)
+    x["nc"] = torch.zeros(B, dtype=torch.int64)
+    x["hc"] = torch.zeros(B, dtype=torch.float64)
+    out, gc, gr = ours(loss_type, x)
+    assert torch.isfinite(out.losses).all()
+    assert all(torch.isfinite(g).all() for g in (gc, gr) if g is not None)
+
+
+def test_bad_options_raise():
+    x = batch(11)
+    c, r = x["c"], x["r"]
+    with pytest.raises(ValueError, match="unknown"):
+        pyfastpo.preference_loss(c, r, loss_type="dpo2")
+    with pytest.raises(ValueError, match="loss_weights"):
+        pyfastpo.preference_loss(c, r, loss_type=["sigmoid", "ipo"], loss_weights=[1.0])
+    with pytest.raises(ValueError, match="need chosen_num_tokens"):
+        pyfastpo.preference_loss(c, r, loss_type="ipo")
+    with pytest.raises(ValueError, match="need a dispersion"):
+        pyfastpo.preference_loss(c, r, loss_type="mallows_dpo")
+    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
+        pyfastpo.preference_loss(c, r, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="exo_pair"):
+        pyfastpo.preference_loss(c, r, loss_type="exo_pair")
+    with pytest.raises(ValueError, match="shape"):
+        pyfastpo.preference_loss(c, r[:-1])
+    with pytest.raises(ValueError, match="beta"):
+        pyfastpo.preference_loss(c, r, beta=0.0)
+    with pytest.raises(ValueError, match="both"):
+        pyfastpo.preference_loss(c, r, x["rc"])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        pyfastpo.preference_loss(c, r, loss_type="mallows_dpo", dispersion=torch.zeros(B))
