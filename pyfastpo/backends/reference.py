@@ -14,7 +14,7 @@ from .base import TokenStats
 
 name = "reference"
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 8 << 20
 """Target size of one float32 working chunk of rows (bytes)."""
 
 
