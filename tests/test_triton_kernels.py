@@ -66,7 +66,8 @@ def check(logits, labels, block_v=BLOCK, atol=2e-5, rtol=1e-5):
     (logp, lse, ent, zsum), grad = run_triton(logits, labels, grad_scale, block_v)
     ref, ref_grad = oracle(logits, labels, grad_scale)
     valid = labels != IGNORE
-    for name, got, want in (("logp", logp, ref.logp), ("entropy", ent, ref.entropy), ("sum_logits", zsum, ref.sum_logits)):
+    pairs = (("logp", logp, ref.logp), ("entropy", ent, ref.entropy), ("sum_logits", zsum, ref.sum_logits))
+    for name, got, want in pairs:
         assert got.dtype == torch.float32, name
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=name)
         assert torch.all(got[~valid] == 0), name  # exactly 0 at ignored tokens

@@ -45,12 +45,14 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
         x = logits[n_idx, t_idx].to(cdtype)  # [rows, V]
         y = labels[n_idx, t_idx]
         lse = torch.logsumexp(x, dim=-1)
-        p = torch.exp(x - lse[:, None])
-        # p * x with p == 0 at x == -inf would be nan; such a column adds nothing.
-        weighted = torch.where(p > 0, p * x, torch.zeros((), dtype=cdtype, device=x.device))
-        stats[0, n_idx, t_idx] = x.gather(1, y[:, None]).squeeze(1) - lse
+        logp = x - lse[:, None]
+        p = torch.exp(logp)
+        # Entropy as -sum p log p (not lse - sum p x: that cancels at large logits);
+        # a column with p == 0 (x == -inf) adds nothing instead of nan.
+        plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=cdtype, device=x.device))
+        stats[0, n_idx, t_idx] = logp.gather(1, y[:, None]).squeeze(1)
         stats[1, n_idx, t_idx] = lse
-        stats[2, n_idx, t_idx] = lse - weighted.sum(-1)
+        stats[2, n_idx, t_idx] = -plogp.sum(-1)
         stats[3, n_idx, t_idx] = x.sum(-1)
     return TokenStats(*stats.unbind(0))
 

@@ -1,0 +1,108 @@
+"""Triton backward kernel: ``dx = g[n] * (onehot(y) - softmax(x))`` row by row.
+
+One program per token row; one read of the logits and one write of the gradient,
+block by block. ``out`` may be the logits themselves (in-place backward): each
+program reads a block of its own row before it writes that same block, and no
+other program touches the row, so aliasing is safe.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import launch_config
+
+
+@triton.jit
+def _logps_backward_kernel(
+    logits_ptr,  # [N, T, V], last stride 1
+    labels_ptr,  # [N * T] int64, contiguous
+    lse_ptr,  # [N * T] float32, contiguous
+    grad_scale_ptr,  # [N] float32
+    out_ptr,  # [N, T, V], last stride 1, may alias logits_ptr
+    T,
+    V,
+    stride_n,
+    stride_t,
+    out_stride_n,
+    out_stride_t,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    # row is int64, so every offset below is a 64-bit product.
+    n = row // T
+    t = row % T
+    out_row = out_ptr + n * out_stride_n + t * out_stride_t
+    cols = tl.arange(0, BLOCK_V)
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        # Ignored token: a zero gradient, written without reading the logits.
+        zeros = tl.zeros([BLOCK_V], dtype=out_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(out_row + offs, zeros, mask=offs < V)
+        return
+
+    x_row = logits_ptr + n * stride_n + t * stride_t
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(grad_scale_ptr + n).to(tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        mask = offs < V
+        x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x - lse)
+        # At the target, g * (1 - p) in float32: forming -g * p first and adding g
+        # after a cast to bf16/fp16 would cancel catastrophically when p ~ 1.
+        grad = tl.where(offs == label, g * (1.0 - p), -g * p)
+        tl.store(out_row + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def logps_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    out: torch.Tensor,
+    block_v: int | None = None,
+) -> None:
+    """Write the gradient of ``sum_t g[n] * logp[n, t]`` w.r.t. ``logits`` into ``out``.
+
+    Args:
+        logits: ``[N, T, V]`` float32 / bfloat16 / float16, ``stride(-1) == 1``.
+        labels: ``[N, T]`` int64, contiguous.
+        lse: ``[N, T]`` or ``[N * T]`` float32 from :func:`logps_forward`.
+        grad_scale: ``[N]`` float32, ``g[n] = dLoss / dlogps[n]``.
+        ignore_index: label value of tokens that do not count (their gradient is 0).
+        out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits``.
+        block_v: block-size override (power of two), for tests.
+    """
+    n, t, v = logits.shape
+    rows = n * t
+    if rows == 0 or v == 0:
+        return
+    lse = lse.reshape(rows).to(torch.float32).contiguous()
+    grad_scale = grad_scale.to(torch.float32).contiguous()
+    block, warps = launch_config(v, logits.dtype, block_v)
+    with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
+        _logps_backward_kernel[(rows,)](
+            logits,
+            labels,
+            lse,
+            grad_scale,
+            out,
+            t,
+            v,
+            logits.stride(0),
+            logits.stride(1),
+            out.stride(0),
+            out.stride(1),
+            ignore_index,
+            BLOCK_V=block,
+            num_warps=warps,
+        )
