@@ -5,11 +5,14 @@ Public API (README.md has the details and an example):
 - :func:`sequence_logps`: logits ``[N, T, V]`` to per-sequence log-probs, the heavy op.
 - :func:`preference_loss`: the loss zoo on per-sequence tensors.
 - :func:`fused_preference_loss`: both in one call, from logits.
+- :func:`linear_preference_loss`: from hidden states and the lm_head weight,
+  logits never materialized (:func:`linear_sequence_logps` for the log-probs alone).
 - :func:`available_backends`: what this install can run.
 """
 
 from .backends import available_backends
 from .fused import FusedPreferenceLossOutput, fused_preference_loss
+from .linear import linear_preference_loss, linear_sequence_logps
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
 from .sequence_logps import SequenceLogps, sequence_logps
 
@@ -20,6 +23,8 @@ __all__ = [
     "SequenceLogps",
     "available_backends",
     "fused_preference_loss",
+    "linear_preference_loss",
+    "linear_sequence_logps",
     "preference_loss",
     "sequence_logps",
 ]

@@ -7,7 +7,6 @@ from typing import NamedTuple
 import torch
 
 from .losses import PreferenceLossOutput, preference_loss
-from .losses.pairwise import MALLOWS
 from .sequence_logps import SequenceLogps, sequence_logps
 from .validation import check_pairs
 
@@ -27,10 +26,6 @@ class FusedPreferenceLossOutput(NamedTuple):
     metrics: dict
     policy: SequenceLogps
     reference: SequenceLogps | None
-
-
-def _halves(x: torch.Tensor | None):
-    return (None, None) if x is None else x.chunk(2)
 
 
 def fused_preference_loss(
@@ -65,12 +60,9 @@ def fused_preference_loss(
         :class:`FusedPreferenceLossOutput`; its metrics add TRL's
         ``logits/chosen`` and ``logits/rejected``.
     """
-    check_pairs(logits.shape[0] if logits.dim() == 3 else 0)
+    check_pairs(logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else 0)
     if ref_logits is not None and ref_chosen_logps is not None:
         raise ValueError("give ref_logits or ref_chosen_logps/ref_rejected_logps, not both")
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    needs_entropy = bool(MALLOWS & set(types)) and loss_kwargs.get("dispersion") is None
-
     policy = sequence_logps(
         logits, labels, ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward
     )
@@ -80,18 +72,36 @@ def fused_preference_loss(
             raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
         with torch.no_grad():
             reference = sequence_logps(
-                ref_logits, labels, ignore_index=ignore_index, return_entropy=needs_entropy, backend=backend
+                ref_logits, labels, ignore_index=ignore_index, return_entropy=True, backend=backend
             )
+    return _preference_from_stats(
+        policy, reference, ref_chosen_logps, ref_rejected_logps, logits.shape[-1], loss_type, loss_kwargs
+    )
+
+
+def _preference_from_stats(
+    policy: SequenceLogps,
+    reference: SequenceLogps | None,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    vocab_size: int,
+    loss_type,
+    loss_kwargs: dict,
+) -> FusedPreferenceLossOutput:
+    """The preference loss from per-sequence stats ``[N]`` of the policy and (optionally)
+    the reference: splits chosen/rejected halves, fills token counts, reference
+    entropies and ``vocab_size`` in for the losses, adds TRL's ``logits/*`` metrics."""
+    loss_kwargs = dict(loss_kwargs)
+    if reference is not None:
         ref_chosen_logps, ref_rejected_logps = reference.logps.chunk(2)
-        if needs_entropy:
+        if reference.entropy is not None:
             loss_kwargs.setdefault("ref_chosen_entropy", reference.entropy.chunk(2)[0])
             loss_kwargs.setdefault("ref_rejected_entropy", reference.entropy.chunk(2)[1])
-
     chosen_logps, rejected_logps = policy.logps.chunk(2)
     nc, nr = policy.num_tokens.chunk(2)
     loss_kwargs.setdefault("chosen_num_tokens", nc)
     loss_kwargs.setdefault("rejected_num_tokens", nr)
-    loss_kwargs.setdefault("vocab_size", logits.shape[-1])
+    loss_kwargs.setdefault("vocab_size", vocab_size)
     out: PreferenceLossOutput = preference_loss(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_type, **loss_kwargs
     )

@@ -23,24 +23,32 @@ def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index
         )
     if logits.dim() != 3:
         raise ValueError(f"logits must have shape [N, T, V], got {tuple(logits.shape)}")
-    if labels.dim() != 2:
-        raise ValueError(f"labels must have shape [N, T], got {tuple(labels.shape)}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}; use labels.long()")
-    if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits' first two dims "
-            f"{tuple(logits.shape[:2])}; shift both the same way (logits[:, :-1], labels[:, 1:])"
-        )
     check_same_device(logits=logits, labels=labels)
-    vocab = logits.shape[-1]
-    if vocab < 1:
-        raise ValueError("logits' last dimension (the vocabulary) must be at least 1")
     if logits.stride(-1) != 1 and logits.numel() > 0:
         raise ValueError(
             "logits' last dimension must have stride 1 (other strides are free); "
             "pass logits.contiguous() if it comes from a transpose"
         )
+    return check_labels(labels, tuple(logits.shape[:2]), logits.shape[-1], ignore_index, "logits")
+
+
+def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: int, against: str) -> torch.Tensor:
+    """Validate ``labels`` of ``shape`` against a vocabulary of ``vocab``; return contiguous int64.
+
+    Every label must be ``ignore_index`` or in ``[0, vocab)`` (so no kernel ever
+    reads out of bounds). ``against`` names the tensor the shape comes from.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must have shape [N, T], got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}; use labels.long()")
+    if tuple(labels.shape) != shape:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match {against}' first two dims "
+            f"{shape}; shift both the same way (e.g. logits[:, :-1], labels[:, 1:])"
+        )
+    if vocab < 1:
+        raise ValueError("the vocabulary (logits' last dimension, weight's first) must be at least 1")
     labels = labels.to(torch.int64).contiguous()
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):

@@ -1,0 +1,213 @@
+"""The fused linear path: preference loss from hidden states and the lm_head weight.
+
+Full logits ``[N, T, V]`` are never materialized. Only positions whose label is
+valid are projected (prompts and padding never reach the matmul), a chunk of
+tokens at a time; each chunk's logits go through the ``sequence_logps`` backend
+kernels (per-token stats forward; gradient in place backward) and are freed.
+Backward recomputes each chunk's logits, turns them into their gradient ``G`` in
+place, then ``grad_hidden[chunk] = G @ W`` and ``grad_weight += G^T @ h`` in a
+float32 accumulator. Peak extra memory is one chunk's logits (plus the float32
+weight-gradient accumulator when the weight trains), independent of ``N * T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import get_backend
+from .fused import FusedPreferenceLossOutput, _preference_from_stats
+from .sequence_logps import SequenceLogps
+from .validation import FLOAT_DTYPES, check_labels, check_pairs, check_same_device
+
+DEFAULT_MEMORY_BUDGET = 256 << 20
+"""Bytes of chunk logits held at once when neither chunk_tokens nor a budget is given."""
+
+
+def _chunk_tokens(chunk_tokens, memory_budget_bytes, vocab: int, dtype: torch.dtype) -> int:
+    if chunk_tokens is not None:
+        if int(chunk_tokens) < 1:
+            raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+        return int(chunk_tokens)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else int(memory_budget_bytes)
+    if budget < 1:
+        raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes}")
+    # A chunk costs its logits plus, in the backends, at most float32 temporaries of the same size.
+    per_token = vocab * (torch.empty((), dtype=dtype).element_size() + 4)
+    return max(1, budget // per_token)
+
+
+def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Chunk logits ``[C, 1, V]``: each token is its own length-1 "sequence", so the
+    backends' per-sequence gradient scale becomes a per-token one."""
+    logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+    return logits.unsqueeze(1)
+
+
+class _LinearLogpsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, backend, chunk):
+        n, t, _ = hidden.shape
+        vocab = weight.shape[0]
+        n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
+        cdtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
+        # Per-token stats of valid tokens, in gather order: logp, lse, entropy, sum_logits.
+        stats = torch.zeros(4, n_idx.numel(), dtype=cdtype, device=hidden.device)
+        for start in range(0, n_idx.numel(), chunk):
+            rows = slice(start, start + chunk)
+            logits = _project(hidden[n_idx[rows], t_idx[rows]], weight, bias)
+            out = backend.forward(logits, labels[n_idx[rows], t_idx[rows]][:, None], ignore_index)
+            for i, s in enumerate(out):
+                stats[i, rows] = s.squeeze(1)
+            del logits, out
+        per_seq = torch.zeros(4, n, t, dtype=cdtype, device=hidden.device)
+        per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
+        num_tokens = (labels != ignore_index).sum(dim=1)
+        logps, _, entropy, sum_logits = per_seq.sum(dim=2)
+        mean_logits = sum_logits / (num_tokens * vocab).clamp_min(1)
+        ctx.save_for_backward(hidden, weight, bias, labels, n_idx, t_idx, stats[1].clone())
+        ctx.backend, ctx.chunk, ctx.ignore_index = backend, chunk, ignore_index
+        ctx.mark_non_differentiable(num_tokens, entropy, mean_logits)
+        return logps, num_tokens, entropy, mean_logits
+
+    @staticmethod
+    def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
+        hidden, weight, bias, labels, n_idx, t_idx, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        acc = lse.dtype  # float32 accumulation (float64 for float64 inputs)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        g_tok = grad_logps.to(acc)[n_idx]
+        for start in range(0, n_idx.numel(), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h = hidden[n_idx[rows], t_idx[rows]]
+            logits = _project(h, weight, bias)
+            y = labels[n_idx[rows], t_idx[rows]][:, None]
+            ctx.backend.backward(logits, y, lse[rows][:, None], g_tok[rows].contiguous(), ctx.ignore_index, logits)
+            grad_logits = logits.squeeze(1)  # [C, V], now dLoss/dlogits, in the logits' dtype
+            if need_h:
+                grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ weight).to(hidden.dtype)
+            if need_w:
+                grad_weight += (grad_logits.t() @ h).to(acc)
+            if need_b:
+                grad_bias += grad_logits.to(acc).sum(0)
+            del logits, grad_logits
+        grad_weight = grad_weight.to(weight.dtype) if need_w else None
+        grad_bias = grad_bias.to(bias.dtype) if need_b else None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden"):
+    if not all(isinstance(x, torch.Tensor) for x in (hidden, weight, labels)):
+        raise ValueError(f"{what}, weight and labels must be torch.Tensors")
+    if hidden.dim() != 3:
+        raise ValueError(f"{what} must have shape [N, T, H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"weight must have shape [V, H] with H = {what}.shape[-1] = {hidden.shape[2]} "
+            f"(the lm_head's weight), got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if x is not None and x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{what} ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    return check_labels(labels, tuple(hidden.shape[:2]), weight.shape[0], ignore_index, what)
+
+
+def linear_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    chunk_tokens: int | None = None,
+    memory_budget_bytes: int | None = None,
+) -> SequenceLogps:
+    """:func:`pyfastpo.sequence_logps` of ``hidden @ weight.T (+ bias)`` without the full logits.
+
+    Args:
+        hidden: ``[N, T, H]`` last hidden states, aligned with ``labels`` (the
+            caller shifts); any strides. float32, bfloat16, float16 or float64.
+        weight: ``[V, H]`` lm_head weight, same dtype (a frozen weight costs no
+            weight gradient). bias: optional ``[V]``.
+        labels: ``[N, T]`` integer; ``ignore_index`` tokens are never projected.
+        chunk_tokens: valid tokens projected at once; default from
+            ``memory_budget_bytes`` (256 MiB of chunk logits and temporaries).
+        backend: as :func:`pyfastpo.sequence_logps`, for the per-chunk kernels.
+
+    Returns:
+        :class:`SequenceLogps`, each ``[N]``; ``logps`` differentiable w.r.t.
+        ``hidden``, ``weight`` and ``bias``.
+    """
+    labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    impl = get_backend(backend, hidden.device, dtype)
+    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], dtype)
+    logps, num_tokens, entropy, mean_logits = _LinearLogpsFunction.apply(
+        hidden, weight, bias, labels, int(ignore_index), impl, chunk
+    )
+    return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)
+
+
+def linear_preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    loss_type="sigmoid",
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_tokens: int | None = None,
+    memory_budget_bytes: int | None = None,
+    **loss_kwargs,
+) -> FusedPreferenceLossOutput:
+    """Preference loss from last hidden states and the lm_head, logits never materialized.
+
+    Args:
+        hidden: ``[N, T, H]`` policy hidden states (rows ``[:N/2]`` chosen,
+            ``[N/2:]`` rejected), aligned with ``labels``.
+        weight, bias: the policy's lm_head ``[V, H]`` and optional ``[V]``.
+        labels: ``[N, T]``; prompt and padding tokens set to ``ignore_index``.
+        ref_hidden: ``[N, T, H]`` reference hidden states (run without
+            gradient; ``ref_weight``/``ref_bias`` default to the policy's), or
+        ref_chosen_logps, ref_rejected_logps: ``[N/2]`` precomputed. Neither:
+            reference-free.
+        loss_type, **loss_kwargs: as :func:`pyfastpo.preference_loss`.
+        chunk_tokens, memory_budget_bytes, backend: see :func:`linear_sequence_logps`.
+
+    Returns:
+        :class:`pyfastpo.FusedPreferenceLossOutput`.
+    """
+    check_pairs(hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else 0, "hidden")
+    if ref_hidden is not None and ref_chosen_logps is not None:
+        raise ValueError("give ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
+    common = dict(ignore_index=ignore_index, backend=backend, chunk_tokens=chunk_tokens,
+                  memory_budget_bytes=memory_budget_bytes)  # fmt: skip
+    policy = linear_sequence_logps(hidden, weight, labels, bias=bias, **common)
+    reference = None
+    if ref_hidden is not None:
+        if tuple(ref_hidden.shape) != tuple(hidden.shape):
+            raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} must equal hidden shape {tuple(hidden.shape)}")
+        ref_w = weight if ref_weight is None else ref_weight
+        ref_b = bias if ref_weight is None and ref_bias is None else ref_bias
+        with torch.no_grad():
+            reference = linear_sequence_logps(
+                ref_hidden.detach(), ref_w.detach(), labels, bias=None if ref_b is None else ref_b.detach(),
+                return_entropy=True, **common,
+            )  # fmt: skip
+    return _preference_from_stats(
+        policy, reference, ref_chosen_logps, ref_rejected_logps, weight.shape[0], loss_type, loss_kwargs
+    )
