@@ -1,0 +1,34 @@
+// pybind11 module pyfastpo._C: the CPU driver (cpu_logps.cpp) over raw pointers.
+// Tensors cross as integer addresses (tensor.data_ptr()), so this extension
+// neither links against torch nor depends on its C++ ABI. The GIL is released
+// around the kernels.
+#include <pybind11/pybind11.h>
+
+#include "cpu_logps.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyfastpo CPU kernels (OpenMP); see pyfastpo/backends/cpp_backend.py";
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("forward", &pfpo::cpu_forward, release(), py::arg("logits"), py::arg("dtype"),
+        py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
+        py::arg("labels"), py::arg("ignore_index"), py::arg("out_logp"), py::arg("out_lse"),
+        py::arg("out_entropy"), py::arg("out_sum_x"), py::arg("num_threads") = 0,
+        "Per-token logp, lse, entropy, sum of logits into four float32 [N*T] buffers.");
+  m.def("backward", &pfpo::cpu_backward, release(), py::arg("logits"), py::arg("dtype"),
+        py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
+        py::arg("labels"), py::arg("lse"), py::arg("grad_scale"), py::arg("ignore_index"),
+        py::arg("out"), py::arg("out_stride_n"), py::arg("out_stride_t"),
+        py::arg("num_threads") = 0,
+        "out = g[n] * (onehot(y) - softmax(x)) in the logits' dtype; out may alias logits.");
+  m.def("isa", &pfpo::cpu_isa, "Instruction set of the row kernels in use.");
+  m.def("set_isa", &pfpo::set_cpu_isa, py::arg("isa"),
+        "Force 'default', 'avx2' or 'avx512' ('' = best supported).");
+  m.def("to_float", &pfpo::cpu_to_float, release(), py::arg("src"), py::arg("dtype"),
+        py::arg("dst"), py::arg("n"), "Test hook: n values of dtype -> float32.");
+  m.def("from_float", &pfpo::cpu_from_float, release(), py::arg("src"), py::arg("dst"),
+        py::arg("dtype"), py::arg("n"), "Test hook: n float32 values -> dtype (RNE).");
+  m.def("exp", &pfpo::cpu_exp, release(), py::arg("src"), py::arg("dst"), py::arg("n"),
+        "Test hook: the vectorizable host exp on n float32 values.");
+}

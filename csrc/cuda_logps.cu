@@ -1,0 +1,287 @@
+// pyfastpo CUDA driver: forward stats and backward gradient of sequence_logps.
+//
+// Layout: ONE BLOCK PER TOKEN ROW (grid-stride over rows). LLM vocabularies
+// are 32k-256k, i.e. a row is 64-512 KiB: a whole block streaming it keeps
+// many 16-byte loads in flight per row, and N*T (thousands of rows) fills the
+// GPU. (A warp per row would only pay off for V below a few thousand, which is
+// not this library's case; small V stays correct, just not tuned.)
+//
+// Each thread keeps an online state {m, s, t, sum_x} (logps_math.h) in
+// registers, updated once per 16-byte vector (update_k: one re-base per
+// vector, one exp per element); states are merged with __shfl_xor_sync inside a
+// warp, then across warps through shared memory. Reduction order is fixed for
+// a given V, so results are deterministic.
+//
+// Vector loads need every row start (and, in backward, every output row
+// start) 16-byte aligned: checked on the host from the base pointers and the
+// strides; otherwise the scalar kernel runs. Backward reads each element once
+// and writes it once, by the same thread, so out may alias logits (no
+// __restrict__ / __ldg on that path). All offsets are int64.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda_logps.h"
+#include "logps_math.h"
+
+namespace pfpo {
+namespace {
+
+enum DtypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("pyfastpo._cuda: ") + what + " failed: " +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+#define PFPO_CHECK(expr) check((expr), #expr)
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float f);
+template <>
+__device__ __forceinline__ float from_f<float>(float f) { return f; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float f) { return __float2half_rn(f); }
+
+// Elements of T in one 16-byte (uint4) load/store.
+template <typename T>
+struct Vec16 {
+  static constexpr int K = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ bool is_ignored(int64_t y, int64_t ignore_index, int64_t V) {
+  return y == ignore_index || y < 0 || y >= V;  // out-of-range labels are never read
+}
+
+__device__ __forceinline__ State shfl_merge(State a, int offset) {
+  State b;
+  b.m = __shfl_xor_sync(0xffffffffu, a.m, offset);
+  b.s = __shfl_xor_sync(0xffffffffu, a.s, offset);
+  b.t = __shfl_xor_sync(0xffffffffu, a.t, offset);
+  b.sum_x = __shfl_xor_sync(0xffffffffu, a.sum_x, offset);
+  return merge(a, b);
+}
+
+__device__ __forceinline__ State warp_reduce(State st) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) st = shfl_merge(st, off);
+  return st;
+}
+
+// The state of the whole block in thread 0 (others get garbage). blockDim.x is
+// a multiple of 32 and at most 1024.
+__device__ __forceinline__ State block_reduce(State st, State* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  st = warp_reduce(st);
+  if (lane == 0) shared[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < nwarps ? shared[lane] : empty_state();
+    st = warp_reduce(st);
+  }
+  __syncthreads();  // shared is reused by the next row
+  return st;
+}
+
+template <typename T, bool VEC>
+__global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int64_t V,
+                               int64_t stride_n, int64_t stride_t,
+                               const int64_t* __restrict__ labels, int64_t ignore_index,
+                               float* __restrict__ out_logp, float* __restrict__ out_lse,
+                               float* __restrict__ out_entropy, float* __restrict__ out_sum_x,
+                               int64_t rows) {
+  __shared__ State shared[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t y = labels[r];
+    if (is_ignored(y, ignore_index, V)) {  // block-uniform: the row is never read
+      if (threadIdx.x == 0) out_logp[r] = out_lse[r] = out_entropy[r] = out_sum_x[r] = 0.0f;
+      continue;
+    }
+    const T* row = logits + (r / T_len) * stride_n + (r % T_len) * stride_t;
+    State st = empty_state();
+    int64_t done = 0;
+    if (VEC) {
+      constexpr int K = Vec16<T>::K;
+      const int64_t nvec = V / K;
+      const uint4* vrow = reinterpret_cast<const uint4*>(row);
+      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+        const uint4 raw = vrow[i];
+        const T* in = reinterpret_cast<const T*>(&raw);
+        float x[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) x[k] = to_f(in[k]);
+        update_k<K>(st, x);
+      }
+      done = nvec * K;
+    }
+    for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) update(st, to_f(row[i]));
+    st = block_reduce(st, shared);
+    if (threadIdx.x == 0) {
+      const Stats f = finalize(st);
+      out_logp[r] = to_f(row[y]) - f.lse;
+      out_lse[r] = f.lse;
+      out_entropy[r] = f.entropy;
+      out_sum_x[r] = st.sum_x;
+    }
+  }
+}
+
+template <typename T, bool VEC>
+__global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64_t stride_n,
+                                int64_t stride_t, const int64_t* __restrict__ labels,
+                                const float* __restrict__ lse, const float* __restrict__ grad_scale,
+                                int64_t ignore_index, T* out, int64_t out_stride_n,
+                                int64_t out_stride_t, int64_t rows) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t n = r / T_len, t = r % T_len;
+    const int64_t y = labels[r];
+    const bool ignored = is_ignored(y, ignore_index, V);
+    const T* row = logits + n * stride_n + t * stride_t;
+    T* orow = out + n * out_stride_n + t * out_stride_t;
+    const float l = ignored ? 0.0f : lse[r];
+    const float g = ignored ? 0.0f : grad_scale[n];
+    // Gradient of column v from its logit x (read by this thread just before).
+    auto grad = [&](int64_t v, float x) -> float {
+      if (ignored) return 0.0f;
+      return v == y ? grad_target(x, l, g) : grad_other(x, l, g);
+    };
+    int64_t done = 0;
+    if (VEC) {
+      constexpr int K = Vec16<T>::K;
+      const int64_t nvec = V / K;
+      const uint4* vrow = reinterpret_cast<const uint4*>(row);
+      uint4* vout = reinterpret_cast<uint4*>(orow);
+      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
+        uint4 raw = make_uint4(0, 0, 0, 0), res;
+        if (!ignored) raw = vrow[i];  // an ignored row is never read
+        const T* in = reinterpret_cast<const T*>(&raw);
+        T* o = reinterpret_cast<T*>(&res);
+#pragma unroll
+        for (int k = 0; k < K; ++k) o[k] = from_f<T>(grad(i * K + k, to_f(in[k])));
+        vout[i] = res;
+      }
+      done = nvec * K;
+    }
+    for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x)
+      orow[i] = from_f<T>(ignored ? 0.0f : grad(i, to_f(row[i])));  // no read when ignored
+  }
+}
+
+int threads_for(int64_t V) {
+  if (V >= 16384) return 512;
+  if (V >= 2048) return 256;
+  return 128;
+}
+
+unsigned blocks_for(int64_t rows) {
+  return static_cast<unsigned>(rows < (int64_t(1) << 30) ? rows : (int64_t(1) << 30));
+}
+
+bool aligned16(uintptr_t ptr, int64_t es, int64_t stride_n, int64_t stride_t) {
+  return ptr % 16 == 0 && (stride_n * es) % 16 == 0 && (stride_t * es) % 16 == 0;
+}
+
+void prepare(int device) {
+  cuda_device_count();
+  PFPO_CHECK(cudaSetDevice(device));
+}
+
+template <typename T>
+void launch_forward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int64_t sn,
+                    int64_t st, uintptr_t labels, int64_t ignore_index, uintptr_t a, uintptr_t b,
+                    uintptr_t c, uintptr_t d, cudaStream_t stream) {
+  const int64_t rows = N * T_len;
+  const bool vec = aligned16(logits, sizeof(T), sn, st);
+  auto kernel = vec ? forward_kernel<T, true> : forward_kernel<T, false>;
+  kernel<<<blocks_for(rows), threads_for(V), 0, stream>>>(
+      reinterpret_cast<const T*>(logits), T_len, V, sn, st,
+      reinterpret_cast<const int64_t*>(labels), ignore_index, reinterpret_cast<float*>(a),
+      reinterpret_cast<float*>(b), reinterpret_cast<float*>(c), reinterpret_cast<float*>(d), rows);
+  PFPO_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void launch_backward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int64_t sn,
+                     int64_t st, uintptr_t labels, uintptr_t lse, uintptr_t g,
+                     int64_t ignore_index, uintptr_t out, int64_t osn, int64_t ost,
+                     cudaStream_t stream) {
+  const int64_t rows = N * T_len;
+  const bool vec = aligned16(logits, sizeof(T), sn, st) && aligned16(out, sizeof(T), osn, ost);
+  auto kernel = vec ? backward_kernel<T, true> : backward_kernel<T, false>;
+  kernel<<<blocks_for(rows), threads_for(V), 0, stream>>>(
+      reinterpret_cast<const T*>(logits), T_len, V, sn, st,
+      reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(lse),
+      reinterpret_cast<const float*>(g), ignore_index, reinterpret_cast<T*>(out), osn, ost, rows);
+  PFPO_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+int cuda_device_count() {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    cudaGetLastError();  // reset the runtime's last-error slot (not sticky)
+    throw std::runtime_error(
+        std::string("pyfastpo._cuda: no CUDA device available (cudaGetDeviceCount: ") +
+        (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") +
+        "); use backend='cpp' or 'reference' for CPU tensors");
+  }
+  return count;
+}
+
+void cuda_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
+                  int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_logp,
+                  uintptr_t out_lse, uintptr_t out_entropy, uintptr_t out_sum_x, int device,
+                  uintptr_t stream) {
+  prepare(device);
+  if (N * T == 0) return;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32:
+      return launch_forward<float>(logits, N, T, V, stride_n, stride_t, labels, ignore_index,
+                                   out_logp, out_lse, out_entropy, out_sum_x, s);
+    case kBFloat16:
+      return launch_forward<__nv_bfloat16>(logits, N, T, V, stride_n, stride_t, labels,
+                                           ignore_index, out_logp, out_lse, out_entropy,
+                                           out_sum_x, s);
+    case kFloat16:
+      return launch_forward<__half>(logits, N, T, V, stride_n, stride_t, labels, ignore_index,
+                                    out_logp, out_lse, out_entropy, out_sum_x, s);
+  }
+  throw std::invalid_argument("pyfastpo._cuda: unknown dtype code " + std::to_string(dtype));
+}
+
+void cuda_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
+                   int64_t stride_t, uintptr_t labels, uintptr_t lse, uintptr_t grad_scale,
+                   int64_t ignore_index, uintptr_t out, int64_t out_stride_n, int64_t out_stride_t,
+                   int device, uintptr_t stream) {
+  prepare(device);
+  if (N * T == 0) return;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32:
+      return launch_backward<float>(logits, N, T, V, stride_n, stride_t, labels, lse, grad_scale,
+                                    ignore_index, out, out_stride_n, out_stride_t, s);
+    case kBFloat16:
+      return launch_backward<__nv_bfloat16>(logits, N, T, V, stride_n, stride_t, labels, lse,
+                                            grad_scale, ignore_index, out, out_stride_n,
+                                            out_stride_t, s);
+    case kFloat16:
+      return launch_backward<__half>(logits, N, T, V, stride_n, stride_t, labels, lse,
+                                     grad_scale, ignore_index, out, out_stride_n, out_stride_t, s);
+  }
+  throw std::invalid_argument("pyfastpo._cuda: unknown dtype code " + std::to_string(dtype));
+}
+
+}  // namespace pfpo

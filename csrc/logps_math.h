@@ -1,0 +1,217 @@
+// pyfastpo: the per-token math of sequence_logps, shared by the CPU driver
+// (cpu_logps.cpp) and the CUDA kernels (cuda_logps.cu).
+//
+// For one token row x[0..V) with target y:
+//   m = max x,  s = sum exp(x - m),  lse = m + log s,  logp = x_y - lse,
+//   entropy = lse - sum p x = log s - t / s   with  t = sum exp(x - m) * (x - m),
+//   sum_x = sum x,   d logp / d x_v = [v == y] - exp(x_v - lse).
+//
+// t is accumulated RELATIVE to the running max (x - m, not x): the textbook
+// form lse - (sum exp(x-m) x)/s subtracts two numbers of size |x| and loses
+// all digits of the entropy for large logits (1e4 -> ~1e-3 absolute error);
+// the shifted form is exact to float32 rounding of log s and t/s.
+//
+// Special values, without branches: a shift d = x - m is clamped to
+// [PFPO_D_MIN, +inf) before exp, so -inf logits (masked vocabulary entries)
+// and the empty state (m = -inf) contribute exactly 0 instead of 0 * inf = nan;
+// a NaN logit makes the max NaN (pfpo_max propagates it), hence lse and logp NaN.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#ifdef __CUDACC__
+#define PFPO_HD __host__ __device__ __forceinline__
+#define PFPO_UNROLL _Pragma("unroll")
+#else
+#define PFPO_HD inline __attribute__((always_inline))
+#define PFPO_UNROLL
+#endif
+
+namespace pfpo {
+
+// Shifts below this are treated as exp(d) == 0 (exp(-88) already underflows
+// float32; on the host pfpo_exp returns exactly 0 there).
+constexpr float PFPO_D_MIN = -100.0f;
+
+// ---------------------------------------------------------------- bit casts
+PFPO_HD uint32_t f2u(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+PFPO_HD float u2f(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+// max that propagates NaN from x (a NaN logit must not be silently skipped).
+// Written as a select so that it vectorizes without -ffast-math.
+PFPO_HD float pfpo_max(float m, float x) { return (x <= m) ? m : x; }
+
+// Clamp a shift d = x - m (<= 0) so that exp and d * exp(d) stay finite; NaN -> PFPO_D_MIN.
+PFPO_HD float clamp_shift(float d) { return (d > PFPO_D_MIN) ? d : PFPO_D_MIN; }
+
+// exp(x) in float32. On the device: expf (memory-bound kernels; accuracy over
+// speed). On the host: a branch-free Cephes-style polynomial that GCC
+// vectorizes (libm's expf call does not): round x/ln2 to n with the 1.5*2^23
+// trick, reduce r = x - n ln2 (ln2 split in two for exactness), degree-6
+// polynomial on |r| <= ln2/2, scale by 2^n through the exponent bits.
+// Max relative error ~2 ulp on [-87.3, 88] (saturates above 88) (tests/test_cpp_backend.py);
+// returns exactly 0 below -87.3 (never a denormal) and for NaN.
+PFPO_HD float pfpo_exp(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);
+#else
+  const float lo = -87.33654f, hi = 88.0f;  // n = round(x / ln2) in [-126, 127]
+  float xc = (x < lo) ? lo : x;
+  xc = (xc > hi) ? hi : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float t = xc * 1.44269504088896341f + magic;
+  float n = t - magic;
+  int32_t ni = (int32_t)(f2u(t) - f2u(magic));  // n as an integer
+  float r = xc - n * 0.693359375f;               // ln2 high part (exact product)
+  r = r - n * -2.12194440e-4f;                   // ln2 low part
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * (r * r) + r + 1.0f;
+  y = y * u2f((uint32_t)(ni + 127) << 23);  // 2^n, n in [-126, 127]
+  // 0 below lo (and for NaN: NaN is tracked through the max). Masking the bits
+  // instead of `cond ? y : 0` keeps GCC from turning this into a branch
+  // (which, under the default -ftrapping-math, blocks vectorization).
+  return u2f(f2u(y) & ((x >= lo) ? 0xffffffffu : 0u));
+#endif
+}
+
+// ---------------------------------------------------------------- online state
+// A partial reduction of a row: m = running max, s = sum exp(x - m),
+// t = sum exp(x - m) * (x - m), sum_x = sum x. Empty state: {-inf, 0, 0, 0}.
+struct State {
+  float m, s, t, sum_x;
+};
+
+PFPO_HD State empty_state() { return State{-INFINITY, 0.0f, 0.0f, 0.0f}; }
+
+// Re-base a state from its max to a larger max m_new (in place).
+PFPO_HD void rebase(float& m, float& s, float& t, float m_new) {
+  float d = clamp_shift(m - m_new);
+  float c = pfpo_exp(d);
+  // sum e^(x-m_new)(x-m_new) = c * sum e^(x-m)((x-m) + d) = c * (t + d s)
+  t = c * (t + d * s);
+  s = c * s;
+  m = m_new;
+}
+
+// Add one element x to a state whose max m already satisfies m >= x.
+PFPO_HD void accumulate_at_max(float m, float& s, float& t, float x) {
+  float d = clamp_shift(x - m);
+  float e = pfpo_exp(d);
+  s += e;
+  t += e * d;
+}
+
+// Add one element x (general online update: one or two exps).
+PFPO_HD void update(State& st, float x) {
+  rebase(st.m, st.s, st.t, pfpo_max(st.m, x));
+  accumulate_at_max(st.m, st.s, st.t, x);
+  st.sum_x += x;
+}
+
+// Add K elements with a single re-base (what a GPU thread does per vector load).
+template <int K>
+PFPO_HD void update_k(State& st, const float (&x)[K]) {
+  float m_new = st.m;
+PFPO_UNROLL
+  for (int k = 0; k < K; ++k) m_new = pfpo_max(m_new, x[k]);
+  rebase(st.m, st.s, st.t, m_new);
+PFPO_UNROLL
+  for (int k = 0; k < K; ++k) {
+    accumulate_at_max(st.m, st.s, st.t, x[k]);
+    st.sum_x += x[k];
+  }
+}
+
+// Combine two partial states (lanes of a CPU vector, GPU threads / warps).
+PFPO_HD State merge(State a, State b) {
+  float m = pfpo_max(a.m, b.m);
+  rebase(a.m, a.s, a.t, m);
+  rebase(b.m, b.s, b.t, m);
+  return State{m, a.s + b.s, a.t + b.t, a.sum_x + b.sum_x};
+}
+
+struct Stats {
+  float lse, entropy;
+};
+
+// lse = m + log s; entropy = log s - t / s (nats).
+PFPO_HD Stats finalize(State st) {
+  float log_s = logf(st.s);
+  return Stats{st.m + log_s, log_s - st.t / st.s};
+}
+
+// d logp / d x_v scaled by g, for a non-target column: -g * exp(x - lse).
+PFPO_HD float grad_other(float x, float lse, float g) { return -g * pfpo_exp(x - lse); }
+
+// The target column as g * (1 - p) in float32 (never via a 16-bit p).
+PFPO_HD float grad_target(float x, float lse, float g) { return g * (1.0f - pfpo_exp(x - lse)); }
+
+// ---------------------------------------------------------------- 16-bit <-> float (host)
+// Device code uses cuda_bf16.h / cuda_fp16.h instead; these are plain bit
+// routines so that the CPU loops vectorize without F16C or _Float16.
+
+// bfloat16 is the top half of a float32.
+inline float bf16_to_float(uint16_t h) { return u2f((uint32_t)h << 16); }
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = f2u(f);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan = ((u >> 16) | 0x40u);
+  return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
+}
+
+// IEEE half -> float: shift exponent+mantissa into float position and multiply
+// by 2^112 (= 2^(127-15)) -- exact for normals and subnormals; inf/NaN get the
+// float exponent directly.
+inline float fp16_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t em = (uint32_t)(h & 0x7fffu) << 13;
+  float finite = u2f(em) * 5.192296858534828e33f;  // 2^112
+  uint32_t special = em | 0x7f800000u;             // inf / NaN (payload kept)
+  uint32_t bits = (em >= (0x7c00u << 13)) ? special : f2u(finite);
+  return u2f(bits | sign);
+}
+
+// float -> IEEE half, round to nearest even, overflow -> inf, NaN -> quiet NaN
+// (F. Giesen's float_to_half_fast3_rtne, written branch-free).
+inline uint16_t float_to_fp16(float f) {
+  const uint32_t f32infty = 255u << 23;
+  const uint32_t f16max = (127u + 16u) << 23;
+  const uint32_t denorm_magic_u = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  uint32_t u = f2u(f);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7fffffffu;
+  // Subnormal result: float addition aligns the 10 mantissa bits, rounding RNE.
+  uint32_t sub = f2u(u2f(u) + u2f(denorm_magic_u)) - denorm_magic_u;
+  // Normal result: re-bias the exponent and round RNE by hand.
+  uint32_t norm = (u + ((uint32_t)(15 - 127) << 23) + 0xfffu + ((u >> 13) & 1u)) >> 13;
+  uint32_t big = (u > f32infty) ? 0x7e00u : 0x7c00u;
+  uint32_t o = (u >= f16max) ? big : ((u < (113u << 23)) ? sub : norm);
+  return (uint16_t)(o | sign);
+}
+
+}  // namespace pfpo

@@ -1,0 +1,94 @@
+"""``cuda`` backend: the CUDA kernels of ``csrc/cuda_logps.cu`` on CUDA tensors.
+
+Thin wrapper over the pybind11 extension ``pyfastpo._cuda`` (raw pointers plus
+the current torch stream; the extension links the CUDA runtime statically and
+does not link against torch). It is built only when nvcc was present at install
+time. See :mod:`pyfastpo.backends.base` for the contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import TokenStats
+from .cpp_backend import dtype_code
+
+try:
+    from pyfastpo import _cuda
+except ImportError as err:  # built without nvcc: the registry reports this reason
+    _cuda = None
+    _IMPORT_ERROR = f"pyfastpo._cuda could not be imported ({err}); it is built only when nvcc is found"
+else:
+    _IMPORT_ERROR = None
+
+name = "cuda"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None for CUDA tensors when the extension is built and a GPU is present."""
+    if _cuda is None:
+        return _IMPORT_ERROR
+    if device.type != "cuda":
+        return f"it runs on CUDA tensors only, not {device.type}"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def _device_and_stream(t: torch.Tensor) -> tuple[int, int]:
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
+    """Per-token stats.
+
+    Args:
+        logits: ``[N, T, V]`` float32 / bfloat16 / float16 on a CUDA device, ``stride(-1) == 1``.
+        labels: ``[N, T]`` int64, contiguous, validated, same device.
+    Returns:
+        :class:`TokenStats` of four ``[N, T]`` float32 tensors (logp, lse, entropy, sum_logits).
+    """
+    n, t, v = logits.shape
+    with torch.cuda.device(logits.device):
+        out = torch.empty(4, n, t, dtype=torch.float32, device=logits.device)
+        if out.numel():
+            device, stream = _device_and_stream(logits)
+            _cuda.forward(
+                logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0),
+                logits.stride(1), labels.data_ptr(), int(ignore_index),
+                out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(), out[3].data_ptr(),
+                device, stream,
+            )
+    return TokenStats(*out.unbind(0))
+
+
+def backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    out: torch.Tensor,
+) -> None:
+    """Write ``grad_scale[n] * (onehot - softmax)`` into ``out``.
+
+    Args:
+        logits: ``[N, T, V]`` as in :func:`forward`.
+        labels: ``[N, T]`` int64, contiguous.
+        lse: ``[N, T]`` float32 from :func:`forward`.
+        grad_scale: ``[N]`` float32, contiguous.
+        out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits`` itself.
+    """
+    n, t, v = logits.shape
+    if n * t == 0:
+        return
+    with torch.cuda.device(logits.device):
+        lse = lse.to(torch.float32).contiguous()
+        grad_scale = grad_scale.to(torch.float32).contiguous()
+        device, stream = _device_and_stream(logits)
+        _cuda.backward(
+            logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0),
+            logits.stride(1), labels.data_ptr(), lse.data_ptr(), grad_scale.data_ptr(),
+            int(ignore_index), out.data_ptr(), out.stride(0), out.stride(1), device, stream,
+        )
