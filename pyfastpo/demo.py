@@ -16,32 +16,8 @@ import time
 import torch
 
 import pyfastpo
+from pyfastpo.bench.data import IGNORE, make_batch, trl_way_logps
 from pyfastpo.memory import peak_memory
-
-IGNORE = -100
-
-
-def make_batch(pairs: int, seq_len: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """Random ``[2*pairs, seq_len, vocab]`` policy and reference logits and labels with a
-    prompt (first quarter ignored) and right padding of random length."""
-    g = torch.Generator().manual_seed(seed)
-    n = 2 * pairs
-    logits = (torch.randn(n, seq_len, vocab, generator=g) * 2).to(device=device, dtype=dtype)
-    ref_logits = (logits.float() + 0.1 * torch.randn(n, seq_len, vocab, generator=g).to(device)).to(dtype)
-    labels = torch.randint(0, vocab, (n, seq_len), generator=g)
-    labels[:, : seq_len // 4] = IGNORE
-    for row in range(n):
-        labels[row, seq_len - int(torch.randint(0, seq_len // 4 + 1, (1,), generator=g)) :] = IGNORE
-    return logits, ref_logits, labels.to(device)
-
-
-def trl_way_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sequence log-probs as trainers compute them today: a full float32
-    log_softmax, a gather and a masked sum."""
-    valid = labels != IGNORE
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    tok = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return (tok * valid).sum(-1)
 
 
 def run_one(contender: str, logits, ref_logits, labels, loss_type: str, repeats: int):

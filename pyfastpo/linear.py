@@ -88,7 +88,10 @@ class _LinearLogpsFunction(torch.autograd.Function):
             if need_h:
                 grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ weight).to(hidden.dtype)
             if need_w:
-                grad_weight += (grad_logits.t() @ h).to(acc)
+                if grad_logits.dtype == acc:
+                    grad_weight.addmm_(grad_logits.t(), h)  # no [V, H] temporary per chunk
+                else:  # 16-bit: the product rounds once per chunk, the sum stays in float32
+                    grad_weight += (grad_logits.t() @ h).to(acc)
             if need_b:
                 grad_bias += grad_logits.to(acc).sum(0)
             del logits, grad_logits

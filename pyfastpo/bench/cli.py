@@ -1,0 +1,212 @@
+"""``python -m pyfastpo.bench`` / ``pyfastpo-bench``: argument parsing and the sweep loop.
+
+For each path (logits, linear), size and contender: one first call checked
+against ``reference``, timed runs (fwd, bwd, fwd+bwd), one peak-memory run.
+Writes ``results.md``, ``results.json`` and plots to ``--out``; prints the
+markdown tables at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import contenders as C
+from .case import Case
+from . import environment, measure
+from .data import parse_sizes
+
+DEFAULTS = {
+    # (device type, quick): (sizes, hidden width, repeats, warmup)
+    ("cpu", True): ("2x32x4096,2x64x4096,2x64x8192", 128, 3, 1),
+    ("cpu", False): ("4x64x32000,4x128x32000,4x256x32000,4x128x128256", 512, 5, 1),
+    ("cuda", True): ("4x256x32000,4x512x32000,4x512x128256", 1024, 10, 2),
+    ("cuda", False): ("8x512x128256,8x1024x128256,8x2048x128256,8x4096x128256,"
+                      "8x1024x32000,8x1024x151936,8x1024x262144", 4096, 20, 3),  # fmt: skip
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="pyfastpo-bench",
+        description="Benchmark pyfastpo's backends against TRL's way (eager and torch.compile), Liger-Kernel and "
+        "Cut Cross-Entropy: time, peak memory, bandwidth and correctness against `reference`.",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute on a CPU)")
+    p.add_argument("--out", default="out/bench", help="directory for results.md, results.json and plots")
+    p.add_argument("--sizes", help="comma-separated NxTxV or NxTxVxH (H: the linear path's hidden width; "
+                   "default --hidden); default: a sweep per device, smaller with --quick")  # fmt: skip
+    p.add_argument("--hidden", type=int, help="hidden width H of the linear path when a size gives none")
+    p.add_argument("--dtype", choices=list(DTYPES), help="logits / hidden dtype (default: bfloat16 on cuda, "
+                   "float32 on cpu)")  # fmt: skip
+    p.add_argument("--path", choices=["logits", "linear", "both"], default="both")
+    p.add_argument("--baselines", default="all", help="comma-separated subset of "
+                   f"{','.join(C.BASELINE_GROUPS)}, or all / none (default all)")  # fmt: skip
+    p.add_argument("--backends", help="comma-separated pyfastpo backends to run (default: all available; "
+                   "reference always runs: it is the oracle)")  # fmt: skip
+    p.add_argument("--repeats", type=int, help="timed runs per measurement (median)")
+    p.add_argument("--warmup", type=int, help="untimed runs before the timed ones")
+    p.add_argument("--include-interpreted", action="store_true",
+                   help="on a CPU, also run triton under its (very slow) interpreter")  # fmt: skip
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    sizes, hidden, repeats, warmup = DEFAULTS[(args.device, args.quick)]
+    args.hidden = args.hidden or hidden
+    try:
+        args.size_list = parse_sizes(args.sizes or sizes, args.hidden)
+    except ValueError as err:
+        p.error(str(err))
+    args.repeats = args.repeats or repeats
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.baselines in ("all", "none"):
+        args.baseline_set = frozenset(C.BASELINE_GROUPS) if args.baselines == "all" else frozenset()
+    else:
+        args.baseline_set = frozenset(b.strip() for b in args.baselines.split(",") if b.strip())
+        unknown = args.baseline_set - set(C.BASELINE_GROUPS)
+        if unknown:
+            p.error(f"--baselines: unknown {sorted(unknown)}; choose from {', '.join(C.BASELINE_GROUPS)}")
+    args.backend_set = None
+    if args.backends:
+        args.backend_set = frozenset(b.strip() for b in args.backends.split(",") if b.strip()) | {"reference"}
+        unknown = args.backend_set - set(C.BACKENDS)
+        if unknown:
+            p.error(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(C.BACKENDS)}")
+    return args
+
+
+def _row(path, size, contender, valid) -> dict:
+    return {"path": path, "contender": contender.name, "size": size.label(path), "n": size.n, "t": size.t,
+            "v": size.v, "h": size.h if path == "linear" else None, "valid_tokens": valid, "status": "ok",
+            "error": "", "oracle": contender.oracle, "note": contender.note}  # fmt: skip
+
+
+def measure_contender(case: Case, contender, op, reference, args, device, dtype, copy_bw) -> dict:
+    row = _row(case.path, case.size, contender, case.valid)
+    logps, grad = case.first_call(op)
+    ref_logps, ref_grad = reference if reference is not None else (logps, grad)
+    row.update(measure.check(case.path, dtype, logps, grad, ref_logps, ref_grad))
+    del logps, grad
+    prepare, forward, backward = case.callables(op)
+    timing = measure.time_fwd_bwd(prepare, forward, backward, device, args.warmup, args.repeats)
+    row.update(fwd_ms=timing.fwd_ms, bwd_ms=timing.bwd_ms, total_ms=timing.total_ms, min_total_ms=timing.min_total_ms)
+    row["peak_bytes"] = measure.peak_fwd_bwd(prepare, forward, backward, device)
+    if case.path == "logits":
+        fwd_b, bwd_b = measure.logits_bytes(case.size, case.valid, case.element_size)
+        row.update(bytes_fwd=fwd_b, bytes_bwd=bwd_b, throughput_unit="GB/s",
+                   throughput=(fwd_b + bwd_b) / (timing.total_ms / 1e3) / 1e9,
+                   throughput_fwd=fwd_b / (timing.fwd_ms / 1e3) / 1e9,
+                   throughput_bwd=bwd_b / (timing.bwd_ms / 1e3) / 1e9)  # fmt: skip
+        row["copy_fraction"] = row["throughput"] / (copy_bw / 1e9) if copy_bw else None
+    else:
+        fwd_f, bwd_f = measure.linear_flops(case.size, case.valid)
+        row.update(flops_fwd=fwd_f, flops_bwd=bwd_f, throughput_unit="TFLOP/s",
+                   throughput=(fwd_f + bwd_f) / (timing.total_ms / 1e3) / 1e12, copy_fraction=None)  # fmt: skip
+    return row
+
+
+def _ratios(rows: list[dict]) -> None:
+    base = next((r for r in rows if r.get("baseline") and r["status"] == "ok"), None)
+    for r in rows:
+        ok = base is not None and r["status"] == "ok"
+        r["time_ratio"] = r["total_ms"] / base["total_ms"] if ok else None
+        r["mem_ratio"] = r["peak_bytes"] / base["peak_bytes"] if ok and base["peak_bytes"] else None
+
+
+def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
+    """The sweep: returns (meta, rows, skipped)."""
+    from tqdm.auto import tqdm
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    options = C.Options(args.baseline_set, args.backend_set, args.include_interpreted)
+    paths = ["logits", "linear"] if args.path == "both" else [args.path]
+    meta = environment.describe(device, argv)
+    meta.update(dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, paths=paths,
+                sizes=[s.label("linear") for s in args.size_list], sources={})  # fmt: skip
+    copy_bytes = (1 << 30) if device.type == "cuda" else (64 << 20 if args.quick else 256 << 20)
+    copy_bw = measure.copy_bandwidth(device, copy_bytes)
+    meta.update(copy_bandwidth_gbs=copy_bw / 1e9, copy_bytes=copy_bytes)
+
+    rows, skipped, runnable = [], [], {}
+    for path in paths:
+        runnable[path] = []
+        for c in (c for c in C.registry() if c.path == path):
+            try:
+                op, source = c.build(device, dtype, options)
+            except C.Skip as why:
+                skipped.append({"path": path, "contender": c.name, "reason": str(why)})
+                continue
+            except Exception as err:  # a broken install: report it, never drop it
+                reason = f"could not be built: {C.first_line(err)}"
+                skipped.append({"path": path, "contender": c.name, "reason": reason})
+                continue
+            meta["sources"][c.name] = source
+            runnable[path].append((c, op))
+
+    total = sum(len(runnable[p]) for p in paths) * len(args.size_list)
+    bar = tqdm(total=total, disable=args.no_progress, file=sys.stderr, dynamic_ncols=True, unit="run")
+    for path in paths:
+        for size in args.size_list:
+            case = Case(path, size, dtype, device, args.seed)
+            reference, size_rows = None, []
+            for c, op in list(runnable[path]):
+                bar.set_description(f"{path} {size.label(path)} {c.name}")
+                try:
+                    copy_bw = meta["copy_bandwidth_gbs"] * 1e9
+                    row = measure_contender(case, c, op, reference, args, device, dtype, copy_bw)
+                    if c.oracle:
+                        reference = case.first_call(op)
+                except Exception as err:  # noqa: BLE001 - one failing contender must not end the sweep
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if c.skip_on_failure and not any(r["contender"] == c.name for r in rows + size_rows):
+                        skipped.append({"path": path, "contender": c.name, "reason": f"failed: {C.first_line(err)}"})
+                        runnable[path].remove((c, op))
+                        bar.total -= len(args.size_list)
+                        bar.refresh()
+                        continue
+                    row = _row(path, size, c, case.valid)
+                    row.update(status="error", error=C.first_line(err), passed=False)
+                row["baseline"] = c.baseline
+                size_rows.append(row)
+                bar.update(1)
+                gc.collect()
+            _ratios(size_rows)
+            rows += size_rows
+            del case, reference
+            gc.collect()
+    bar.close()
+    return meta, rows, skipped
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.include_interpreted and args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+    from . import report
+
+    meta, rows, skipped = run(args, argv)
+    out = Path(args.out)
+    summary = report.write(out, meta, rows, skipped)
+    text = (out / "results.md").read_text()
+    print(text.split("## What each contender runs")[0].rstrip())
+    print(f"\nskipped: {', '.join(s['contender'] + ' (' + s['path'] + ')' for s in skipped) or 'none'}")
+    print(f"checks: {summary['checks']}; wrote {out}/results.md, results.json, {', '.join(summary['plots'])}")
+    return 0 if all(r["status"] == "ok" and r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The contenders: every pyfastpo backend and the ways trainers compute the same thing.
+
+Two paths, each with its own op signature:
+
+- ``logits``: ``op(logits [N,T,V], labels [N,T]) -> logps [N]``, differentiable
+  in the logits. The benchmark backpropagates a fixed random ``dL/dlogps``.
+- ``linear``: ``op(hidden [N,T,H], weight [V,H], labels) -> (loss, logps [N])``,
+  a reference-free sigmoid DPO loss (beta 0.1) from the last hidden states and
+  the lm_head; differentiable in ``hidden`` and ``weight``.
+
+A contender's ``build(device, dtype, options)`` returns ``(op, source)`` (source:
+the implementation it runs, with versions, for the report) or raises
+:class:`Skip` with the reason it cannot run here (library not installed, wrong
+device, dtype, not selected); the sweep lists every skipped contender with that
+reason rather than dropping it. Heavy imports (trl, liger-kernel,
+cut-cross-entropy) happen inside ``build``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import pyfastpo
+from pyfastpo.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
+
+from .data import IGNORE, trl_way_logps
+
+BETA = 0.1
+
+BASELINE_GROUPS = {
+    "trl": "TRL's selective_log_softmax + masked sum, eager (logits path)",
+    "compile": "the same under torch.compile (logits path)",
+    "logsoftmax": "a full float32 log_softmax + gather (logits path; what pyfastpo.demo compares against)",
+    "materialized": "hidden @ W.T, then TRL's way (linear path)",
+    "liger": "Liger-Kernel's LigerFusedLinearDPOLoss (linear path)",
+    "cce": "Cut Cross-Entropy's linear_cross_entropy(reduction='none') + the DPO loss (linear path)",
+}
+"""``--baselines`` names and what each adds (pyfastpo's own backends are always run)."""
+
+
+class Skip(Exception):
+    """Raised by ``Contender.build``: this contender cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line lets a contender know when it is built."""
+
+    baselines: frozenset
+    backends: frozenset | None = None  # None: every backend
+    include_interpreted: bool = False
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    path: str  # "logits" or "linear"
+    group: str  # "pyfastpo" or a key of BASELINE_GROUPS
+    description: str
+    build: Callable[[torch.device, torch.dtype, Options], tuple[Callable, str]]
+    oracle: bool = False  # the ``reference`` every other contender is checked against
+    baseline: bool = False  # the denominator of this path's time and memory ratios
+    skip_on_failure: bool = False  # a first-call failure (e.g. compile) skips it for the rest of the sweep
+    note: str = ""
+
+
+# ---------------------------------------------------------------- pyfastpo backends
+
+
+def _check_backend(name: str, device: torch.device, dtype: torch.dtype, options: Options) -> None:
+    if options.backends is not None and name not in options.backends:
+        raise Skip(f"not selected (--backends {','.join(sorted(options.backends))})")
+    if name == "triton" and device.type == "cpu" and not options.include_interpreted:
+        raise Skip("on a CPU triton runs only under its interpreter (TRITON_INTERPRET=1), far too slow to "
+                   "time; pass --include-interpreted to run it anyway")  # fmt: skip
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise Skip(f"backend unavailable on {device.type}: {reason}")
+    if name != "reference" and dtype not in KERNEL_DTYPES:
+        raise Skip(f"backend {name!r} takes float32/bfloat16/float16, not {dtype}")
+
+
+def _pyfastpo_logits(name: str):
+    def build(device, dtype, options):
+        _check_backend(name, device, dtype, options)
+
+        def op(logits, labels):
+            return pyfastpo.sequence_logps(logits, labels, backend=name).logps
+
+        return op, f"pyfastpo {pyfastpo.__version__} sequence_logps(backend={name!r})"
+
+    return build
+
+
+def _pyfastpo_linear(name: str):
+    def build(device, dtype, options):
+        _check_backend(name, device, dtype, options)
+
+        def op(hidden, weight, labels):
+            out = pyfastpo.linear_preference_loss(hidden, weight, labels, loss_type="sigmoid", beta=BETA, backend=name)
+            return out.loss, out.policy.logps
+
+        return op, f"pyfastpo {pyfastpo.__version__} linear_preference_loss(backend={name!r})"
+
+    return build
+
+
+# ---------------------------------------------------------------- TRL's way
+
+
+def _selective_log_softmax_fallback(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The algorithm of ``trl.trainer.utils.selective_log_softmax`` (trl 1.13), for when trl
+    is not installed: float32/64 gathers the target logit and subtracts a per-row
+    logsumexp (a Python loop over the batch to bound peak memory); other dtypes
+    take a per-row ``log_softmax`` in the input dtype, then gather."""
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return picked - lse
+    rows = [torch.log_softmax(r, dim=-1).gather(-1, i.unsqueeze(-1)).squeeze(-1) for r, i in zip(logits, index)]
+    return torch.stack(rows)
+
+
+def _selective_log_softmax():
+    """(function, where it came from): trl's own when importable, else the fallback."""
+    try:
+        from trl.trainer.utils import selective_log_softmax
+    except Exception as err:  # trl missing or broken: say so in the report
+        return _selective_log_softmax_fallback, f"pyfastpo's restatement (trl not importable: {first_line(err)})"
+    import trl
+
+    return selective_log_softmax, f"trl {trl.__version__} trl.trainer.utils.selective_log_softmax"
+
+
+def _trl_op():
+    fn, source = _selective_log_softmax()
+
+    def op(logits, labels):
+        valid = labels != IGNORE
+        return (fn(logits, torch.where(valid, labels, 0)) * valid).sum(-1)
+
+    return op, source
+
+
+def _need(group: str, options: Options) -> None:
+    if group not in options.baselines:
+        raise Skip(f"not selected (--baselines {','.join(sorted(options.baselines)) or 'none'})")
+
+
+def _build_trl(device, dtype, options):
+    _need("trl", options)
+    return _trl_op()
+
+
+def _build_trl_compiled(device, dtype, options):
+    _need("compile", options)
+    op, source = _trl_op()
+    return torch.compile(op), f"torch {torch.__version__} torch.compile({source})"
+
+
+def _build_logsoftmax(device, dtype, options):
+    _need("logsoftmax", options)
+    return trl_way_logps, "pyfastpo.bench.data.trl_way_logps: float32 log_softmax + gather + masked sum"
+
+
+def _build_materialized(device, dtype, options):
+    _need("materialized", options)
+    logps_of, source = _trl_op()
+
+    def op(hidden, weight, labels):
+        logps = logps_of(hidden @ weight.t(), labels)
+        return pyfastpo.preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
+
+    return op, f"hidden @ weight.T, then {source}, then pyfastpo.preference_loss"
+
+
+# ---------------------------------------------------------------- fused-linear libraries
+
+
+def _import(module: str, pip_name: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise Skip(f"{pip_name} is not installed (pip install {pip_name}): {first_line(err)}") from None
+
+
+def _build_liger(device, dtype, options):
+    _need("liger", options)
+    mod = _import("liger_kernel.chunked_loss", "liger-kernel")
+    loss_fn = mod.LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, average_log_prob=False,
+                                          loss_type="sigmoid", ignore_index=IGNORE)  # fmt: skip
+
+    def op(hidden, weight, labels):
+        loss, aux = loss_fn(weight, hidden, labels)  # note Liger's argument order: (lin_weight, _input, target)
+        return loss, torch.cat([aux[0], aux[1]])  # policy chosen / rejected summed logps
+
+    return op, f"liger-kernel {_version('liger-kernel')} LigerFusedLinearDPOLoss(use_ref_model=False)"
+
+
+def _build_cce(device, dtype, options):
+    _need("cce", options)
+    if device.type != "cuda":
+        raise Skip("Cut Cross-Entropy's kernels run on CUDA GPUs only")
+    mod = _import("cut_cross_entropy", "cut-cross-entropy")
+
+    def op(hidden, weight, labels):
+        nll = mod.linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="none")
+        logps = -nll.float().sum(-1)  # per-token losses are 0 at ignored positions
+        return pyfastpo.preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
+
+    return op, (f"cut-cross-entropy {_version('cut-cross-entropy')} linear_cross_entropy(reduction='none'), "
+                "then pyfastpo.preference_loss")  # fmt: skip
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return "?"
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def registry() -> list[Contender]:
+    """Every contender, oracle first on each path, then pyfastpo, then the baselines."""
+    backends = ["reference"] + [b for b in BACKENDS if b != "reference"]
+    out = []
+    for b in backends:
+        out.append(Contender(f"pyfastpo[{b}]", "logits", "pyfastpo", f"pyfastpo.sequence_logps(backend={b!r})",
+                             _pyfastpo_logits(b), oracle=b == "reference"))  # fmt: skip
+    out += [
+        Contender("trl-way", "logits", "trl", BASELINE_GROUPS["trl"], _build_trl, baseline=True),
+        Contender("trl-way+compile", "logits", "compile", BASELINE_GROUPS["compile"], _build_trl_compiled,
+                  skip_on_failure=True),  # fmt: skip
+        Contender("log_softmax+gather", "logits", "logsoftmax", BASELINE_GROUPS["logsoftmax"], _build_logsoftmax),
+    ]
+    for b in backends:
+        out.append(Contender(f"pyfastpo-linear[{b}]", "linear", "pyfastpo",
+                             f"pyfastpo.linear_preference_loss(backend={b!r})", _pyfastpo_linear(b),
+                             oracle=b == "reference"))  # fmt: skip
+    out += [
+        Contender("materialized", "linear", "materialized", BASELINE_GROUPS["materialized"], _build_materialized,
+                  baseline=True),  # fmt: skip
+        Contender("liger", "linear", "liger", BASELINE_GROUPS["liger"], _build_liger,
+                  note="computes the gradients inside its forward; its bwd is only their hand-off"),  # fmt: skip
+        Contender("cce", "linear", "cce", BASELINE_GROUPS["cce"], _build_cce,
+                  note="default gradient filtering (filter_eps) drops tiny gradient entries"),  # fmt: skip
+    ]
+    return out

@@ -1,0 +1,116 @@
+"""The benchmark CLI end to end on the CPU: files, table rows, plots, correctness, skips."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pyfastpo.bench import cli
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SIZES = "2x16x512,2x32x512,2x32x1024"  # two sequence lengths at one V, two V at one T: all four plots
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # --quick's sizes are cut further and torch.compile (tens of seconds of compiling) is left
+    # out so that this stays fast; the skip of "compile" is itself checked below.
+    argv = ["--quick", "--device", "cpu", "--sizes", SIZES, "--hidden", "32", "--repeats", "1", "--warmup", "0",
+            "--baselines", "trl,logsoftmax,materialized,liger,cce", "--no-progress", "--out", str(out)]  # fmt: skip
+    code = cli.main(argv)
+    return code, out, json.loads((out / "results.json").read_text())
+
+
+def test_files_exist(bench_run):
+    code, out, data = bench_run
+    assert code == 0
+    for name in ["results.md", "results.json", *data["plots"]]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert set(data["plots"]) == {f"{p}_vs_{a}.png" for p in ("logits", "linear") for a in ("seq_len", "vocab")}
+
+
+def test_plots_are_pngs(bench_run):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image
+
+    _, out, data = bench_run
+    for name in data["plots"]:
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_table_has_a_row_per_contender_and_size(bench_run):
+    _, out, data = bench_run
+    md = (out / "results.md").read_text()
+    runnable = data["meta"]["sources"]
+    expected = {
+        "logits": ["pyfastpo[reference]", "pyfastpo[cpp]", "trl-way", "log_softmax+gather"],
+        "linear": ["pyfastpo-linear[reference]", "pyfastpo-linear[cpp]", "materialized"],
+    }
+    for path, names in expected.items():
+        for name in names:
+            assert name in runnable, f"{name} did not run: {data['skipped']}"
+            for size in SIZES.split(","):
+                label = size if path == "logits" else f"{size}x32"
+                assert f"| {name} | {label} |" in md, f"no row for {name} at {label}"
+    assert len(data["rows"]) == 3 * sum(len(v) for v in expected.values())
+    for header in ["device:", "torch ", "date:", "git commit:", "command: `python -m pyfastpo.bench --quick"]:
+        assert header in md
+
+
+def test_correctness_checks_pass(bench_run):
+    _, _, data = bench_run
+    for row in data["rows"]:
+        assert row["status"] == "ok", row
+        assert row["passed"], row
+        assert row["total_ms"] > 0 and row["peak_bytes"] >= 0 and row["throughput"] > 0
+        if not row["oracle"]:
+            assert row["time_ratio"] is not None
+    baseline = [r for r in data["rows"] if r["contender"] == "trl-way"]
+    assert all(r["time_ratio"] == pytest.approx(1.0) for r in baseline)
+
+
+def test_missing_and_unselected_contenders_are_skipped_with_a_reason(bench_run):
+    _, out, data = bench_run
+    skipped = {s["contender"]: s["reason"] for s in data["skipped"]}
+    md = (out / "results.md").read_text()
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert "liger-kernel is not installed" in skipped["liger"]
+        assert "| linear | liger | liger-kernel is not installed" in md
+    assert "CUDA" in skipped["cce"] or "not installed" in skipped["cce"]
+    assert "not selected" in skipped["trl-way+compile"]
+    assert "--include-interpreted" in skipped["pyfastpo[triton]"]
+
+
+def test_bad_sizes_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cpu", "--sizes", "3x8x16"])
+    assert "N even" in capsys.readouterr().err
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "pyfastpo.bench", "--help"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0 and "--include-interpreted" in result.stdout
+
+
+def test_trl_fallback_matches_log_softmax_gather():
+    """Without trl installed, "trl-way" runs pyfastpo's restatement of selective_log_softmax."""
+    import torch
+
+    from pyfastpo.bench.contenders import _selective_log_softmax_fallback
+
+    g = torch.Generator().manual_seed(0)
+    x, idx = torch.randn(3, 7, 50, generator=g), torch.randint(0, 50, (3, 7), generator=g)
+    expected = torch.log_softmax(x.double(), -1).gather(-1, idx[..., None]).squeeze(-1)
+    torch.testing.assert_close(_selective_log_softmax_fallback(x, idx).double(), expected, atol=1e-5, rtol=0)
+    got = _selective_log_softmax_fallback(x.bfloat16(), idx)
+    assert got.dtype == torch.bfloat16 and (got.double() - expected).abs().max() < 0.1
