@@ -311,3 +311,11 @@ def test_bad_options_raise():
         pyfastpo.preference_loss(c, r, x["rc"])
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         pyfastpo.preference_loss(c, r, loss_type="mallows_dpo", dispersion=torch.zeros(B))
+
+
+def test_mallows_phi_moves_from_zero_margin():
+    """Training starts at policy == reference, where every margin is exactly 0: the loss
+    must still have a gradient there (the one-sided m -> 0+ one), pushing the margin up."""
+    m = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    mallows_kendall_log_prob(m, torch.tensor(0.5, dtype=torch.float64)).sum().backward()
+    assert bool((m.grad > 0).all())

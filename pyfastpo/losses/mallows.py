@@ -95,7 +95,9 @@ def mallows_kendall_log_prob(margin: torch.Tensor, phi: torch.Tensor) -> torch.T
     items); ``margin -> +inf`` gives 1; ``P(m) + P(-m) = 1`` for ``m != 0``;
     ``phi -> 0`` gives 1 for any positive margin. At ``margin = 0`` the
     probability jumps from ``1 - g(0+)`` to ``g(0+) = 1/(1 - phi) - 1/theta``
-    (two distinct items are never tied); the loss has no gradient there.
+    (two distinct items are never tied); the value there is ``g(0+)`` and the
+    gradient the one-sided ``margin -> 0+`` one, so training that starts from
+    policy == reference (every margin exactly 0) moves.
 
     Args:
         margin: ``[B]`` ``beta * delta``.
@@ -106,7 +108,9 @@ def mallows_kendall_log_prob(margin: torch.Tensor, phi: torch.Tensor) -> torch.T
     """
     m = margin.double()
     theta = -torch.log(torch.as_tensor(phi, device=m.device).double().clamp(PHI_MIN, 1 - PHI_MIN))
-    d = m.abs()
+    # |m|, with the one-sided (m -> 0+) derivative at m = 0, where the value is g(0+): abs() would give a zero
+    # gradient there, and a trainer starting from policy == reference (every margin exactly 0) would never move.
+    d = torch.where(m >= 0, m, -m)
     log_r0 = _log_r(d, theta)
     log_r1 = _log_r(d + 1, theta)
     log_win = torch.log1p(torch.exp(log_r1) - torch.exp(log_r0))  # log g(d)
