@@ -6,6 +6,8 @@ PY     := $(VENV)/bin/python
 # with an NVIDIA GPU takes the default (CUDA) build.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 STAMP  := $(VENV)/.pyfastpo-installed
+# The package is installed under a constraint that keeps that torch: otherwise a
+# dependency (trl, peft, ...) could pull a multi-GB CUDA build.
 
 .PHONY: setup test demo bench clean
 
@@ -15,7 +17,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" triton==3.8.0 numpy
-	$(PY) -m pip install -q -e ".[dev]"
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
 # Triton kernels run on the CPU under the interpreter when no GPU is present
@@ -28,6 +31,10 @@ test: setup
 demo: setup
 	OMP_WAIT_POLICY=passive $(PY) -m pyfastpo.bench --quick
 	OMP_WAIT_POLICY=passive $(PY) -m pyfastpo.demo
+	OMP_WAIT_POLICY=passive $(PY) examples/train_tiny_dpo.py --quick --out out/tiny_dpo
+
+bench: setup
+	$(PY) -m pyfastpo.bench
 
 clean:
 	rm -rf build *.egg-info pyfastpo/*.so $(VENV)

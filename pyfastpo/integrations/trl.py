@@ -1,0 +1,557 @@
+"""TRL integration: ``FastDPOConfig`` and ``FastDPOTrainer``, drop-in for ``trl.DPOConfig`` / ``trl.DPOTrainer``.
+
+::
+
+    from pyfastpo.integrations.trl import FastDPOConfig as DPOConfig, FastDPOTrainer as DPOTrainer
+
+The trainer keeps everything of TRL's ``DPOTrainer`` (data processing, the
+collator, the reference model or PEFT adapter toggling, precomputed reference
+log-probs, logging) and replaces the loss: per-sequence log-probs come from
+:func:`pyfastpo.sequence_logps` (one streaming pass over the logits, gradient
+written back into their storage) and the loss from
+:func:`pyfastpo.preference_loss`, which adds FocalPO, MallowsPO, SimPO and
+budget-controlled regularization to TRL's loss types. With
+``use_fused_linear=True`` the logits are never materialized:
+:func:`pyfastpo.linear_preference_loss` takes the backbone's last hidden
+states and the ``lm_head`` weight.
+
+Written against trl 1.13 (``DPOTrainer._compute_loss``); with
+``loss_type="sigmoid"`` and defaults it reproduces ``DPOTrainer`` step for step.
+DPOConfig options the loss path does not implement raise ``ValueError`` at
+construction; none is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import hash_module, use_adapter
+
+from ..backends import BACKENDS, available_backends
+from ..losses import LOSS_TYPES, preference_loss
+from ..linear import linear_preference_loss
+from ..losses.pairwise import MALLOWS
+from ..sequence_logps import sequence_logps
+
+__all__ = ["FastDPOConfig", "FastDPOTrainer"]
+
+# Batch keys that are not model inputs: TRL's plus the precomputed reference entropies.
+_REF_STAT_KEYS = ("ref_chosen_entropy", "ref_rejected_entropy")
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_REF_STAT_KEYS}
+# Salt of the precomputed-reference cache fingerprint: our cache holds more columns than TRL's.
+_CACHE_SALT = "pyfastpo-ref-stats-v1"
+
+
+@dataclass
+class FastDPOConfig(DPOConfig):
+    r"""``trl.DPOConfig`` plus pyfastpo's options.
+
+    ``loss_type`` accepts every TRL value plus ``focalpo``, ``mallows_dpo``,
+    ``mallows_ipo``, ``mallows_phi`` and ``simpo``, alone or as a list weighted
+    by ``loss_weights``.
+
+    Parameters:
+        focal_gamma (`float`, defaults to `0.05`): FocalPO's exponent.
+        focal_detach (`bool`, defaults to `False`): stop the gradient through FocalPO's factor.
+        dispersion_scale (`float`, defaults to `0.29`): MallowsPO's ``c`` (``phi = Hbar ** c``).
+        simpo_gamma (`float`, defaults to `0.5`): SimPO's target margin.
+        bcr_weight (`float`, defaults to `0`): weight of budget-controlled regularization (0: off).
+        bcr_budget (`float`, defaults to `0`): how far the chosen log-likelihood may fall for free.
+        bcr_per_token (`bool`, defaults to `False`): measure the drop per completion token.
+        pyfastpo_backend (`str`, defaults to `"auto"`): ``auto``, ``reference``, ``triton``, ``cuda`` or ``cpp``.
+        use_fused_linear (`bool`, defaults to `False`): compute the loss from the backbone's hidden
+            states and the ``lm_head`` weight (``pyfastpo.linear_preference_loss``) without
+            materializing logits.
+    """
+
+    focal_gamma: float = field(default=0.05, metadata={"help": "FocalPO exponent gamma (loss_type='focalpo')."})
+    focal_detach: bool = field(
+        default=False, metadata={"help": "Stop the gradient through FocalPO's modulating factor sigmoid(h)^gamma."}
+    )
+    dispersion_scale: float = field(
+        default=0.29, metadata={"help": "MallowsPO dispersion scale c: phi = Hbar ** c (mallows_* loss types)."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin (loss_type='simpo')."})
+    bcr_weight: float = field(
+        default=0.0, metadata={"help": "Budget-controlled regularization weight (0 disables it)."}
+    )
+    bcr_budget: float = field(
+        default=0.0, metadata={"help": "BCR budget: how far the chosen log-likelihood may fall without penalty."}
+    )
+    bcr_per_token: bool = field(
+        default=False, metadata={"help": "BCR: divide the chosen log-likelihood drop by the completion length."}
+    )
+    pyfastpo_backend: str = field(
+        default="auto",
+        metadata={"help": "pyfastpo backend: 'auto', 'reference', 'triton', 'cuda' or 'cpp'."},
+    )
+    use_fused_linear: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the loss from the last hidden states and the lm_head weight "
+            "(pyfastpo.linear_preference_loss), never materializing the logits."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"loss_type {unknown} is unknown; choose from {sorted(LOSS_TYPES)}")
+        if self.pyfastpo_backend not in ("auto", *BACKENDS):
+            raise ValueError(f"pyfastpo_backend={self.pyfastpo_backend!r} is unknown; choose one of {('auto', *BACKENDS)}")
+        super().__post_init__()
+        _validate_loss_options(_loss_kwargs(self))
+
+
+def _validate_loss_options(loss_kwargs: dict) -> None:
+    """Check every loss option (names, beta, label_smoothing, weights, ...) now, on a dummy pair, not at step 1."""
+    one = torch.ones(1)
+    preference_loss(
+        -one, -one, -one, -one, chosen_num_tokens=one, rejected_num_tokens=one,
+        ref_chosen_entropy=one, ref_rejected_entropy=one, vocab_size=8, **loss_kwargs,
+    )  # fmt: skip
+
+
+def _loss_kwargs(args) -> dict:
+    """``preference_loss`` keyword arguments from a (Fast)DPOConfig; plain DPOConfigs get the defaults."""
+    defaults = FastDPOConfig.__dataclass_fields__
+    get = lambda name: getattr(args, name, defaults[name].default)  # noqa: E731
+    return dict(
+        loss_type=list(args.loss_type),
+        loss_weights=args.loss_weights,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        discopop_tau=args.discopop_tau,
+        focal_gamma=get("focal_gamma"),
+        focal_detach=get("focal_detach"),
+        simpo_gamma=get("simpo_gamma"),
+        dispersion_scale=get("dispersion_scale"),
+        bcr_weight=get("bcr_weight"),
+        bcr_budget=get("bcr_budget"),
+        bcr_per_token=get("bcr_per_token"),
+    )
+
+
+def _check_supported(args) -> None:
+    """Raise ValueError for every DPOConfig option this trainer does not implement."""
+    problems = []
+    if args.use_liger_kernel:
+        problems.append(
+            "use_liger_kernel=True: FastDPOTrainer replaces the Liger DPO loss; its fused counterpart is "
+            "use_fused_linear=True (set use_liger_kernel=False)"
+        )
+    if args.ld_alpha is not None:
+        problems.append("ld_alpha (LD-DPO length desensitization) is not implemented; set ld_alpha=None")
+    if args.use_weighting:
+        problems.append("use_weighting=True (WPO weighting) is not implemented; set use_weighting=False")
+    if args.f_divergence_type != "reverse_kl":
+        problems.append(
+            f"f_divergence_type={args.f_divergence_type!r} is not implemented (only 'reverse_kl', standard DPO)"
+        )
+    if args.padding_free:
+        problems.append(
+            "padding_free=True is not supported (trl 1.13's DPOTrainer disables it as well); set padding_free=False"
+        )
+    if problems:
+        raise ValueError("FastDPOTrainer does not support: " + "; ".join(problems))
+
+
+class _RefStatsCollator:
+    """Wraps a preference collator so that batches also carry the precomputed reference entropies."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        for key in _REF_STAT_KEYS:
+            if key in examples[0]:
+                batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
+        return batch
+
+
+class FastDPOTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` whose loss runs on pyfastpo; same constructor, same logged metrics.
+
+    Adds the loss types of :func:`pyfastpo.preference_loss` (``focalpo``,
+    ``mallows_dpo``, ``mallows_ipo``, ``mallows_phi``, ``simpo``) and BCR, logs
+    ``mallows/dispersion`` with a Mallows loss (and ``loss/bcr`` with BCR). The
+    Mallows losses read the reference model's token entropies from the reference
+    forward or, with ``precompute_ref_log_probs=True``, from the
+    ``ref_chosen_entropy``/``ref_rejected_entropy`` columns stored next to TRL's
+    ``ref_chosen_logps``/``ref_rejected_logps``.
+    """
+
+    _tag_names = ["trl", "dpo", "pyfastpo"]
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or "model"
+            args = FastDPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DPO")
+        _check_supported(args)
+        self._pf_loss_kwargs = _loss_kwargs(args)
+        if not isinstance(args, FastDPOConfig):  # a plain DPOConfig: check its loss options as FastDPOConfig does
+            _validate_loss_options(self._pf_loss_kwargs)
+        self._pf_backend = getattr(args, "pyfastpo_backend", "auto")
+        if self._pf_backend != "auto" and self._pf_backend not in available_backends(args.device):
+            raise ValueError(
+                f"pyfastpo_backend={self._pf_backend!r} cannot run on {args.device}; "
+                f"available here: {available_backends(args.device)}"
+            )
+        self._pf_use_linear = bool(getattr(args, "use_fused_linear", False))
+        self._pf_needs_entropy = bool(MALLOWS & set(args.loss_type))
+        if self._pf_use_linear:
+            if compute_metrics is not None:
+                raise ValueError(
+                    "compute_metrics needs the logits, which use_fused_linear=True never materializes; "
+                    "set use_fused_linear=False or drop compute_metrics"
+                )
+
+        super().__init__(
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if self._pf_use_linear:
+            self._check_fused_linear()
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_fused_linear(self) -> None:
+        if self._is_vlm:
+            raise ValueError("use_fused_linear=True supports causal language models only, not vision-language models")
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "use_fused_linear=True does not produce the MoE router logits needed by the load-balancing loss; "
+                "set router_aux_loss_coef=0.0 or use_fused_linear=False"
+            )
+        model = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(model):
+            from peft import PromptLearningConfig
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+                raise ValueError(
+                    "use_fused_linear=True reads lm_head.weight directly, so a PEFT adapter on lm_head would never "
+                    "be trained; remove 'lm_head' from target_modules or set use_fused_linear=False"
+                )
+            if any(isinstance(cfg, PromptLearningConfig) for cfg in model.peft_config.values()):
+                raise ValueError(
+                    "use_fused_linear=True calls the backbone directly, which skips the virtual tokens of "
+                    "prompt-learning PEFT methods; use LoRA or set use_fused_linear=False"
+                )
+
+    # -------------------------------------------------- precomputed reference
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if not self._is_vision_dataset:
+            for key in _REF_STAT_KEYS:
+                if key not in self._signature_columns:
+                    self._signature_columns.append(key)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs ``(chosen, rejected)`` of one padded batch (TRL's API)."""
+        logps, _ = self._compute_ref_stats(model, inputs)
+        return logps.chunk(2, dim=0)
+
+    def _reference_forward(self, model, model_kwargs, backbone_only: bool = False):
+        """Reference outputs, with no gradient: ``ref_model``, or the policy with its adapter off (PEFT)."""
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+                    if backbone_only:
+                        inner = _causal_lm(unwrapped)
+                        return _backbone(inner)(**model_kwargs), inner.get_output_embeddings()
+                    return model(**model_kwargs)
+            ref = self.ref_model if self.ref_model is not None else model
+            if backbone_only:
+                inner = _causal_lm(self.accelerator.unwrap_model(ref))
+                return _backbone(inner)(**model_kwargs), inner.get_output_embeddings()
+            return ref(**model_kwargs)
+
+    def _compute_ref_stats(self, model, inputs):
+        """``(logps [N], entropy [N])`` of the reference on one padded batch."""
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        ref_outputs = self._reference_forward(model, model_kwargs)
+        labels = _shift_labels(inputs["input_ids"], inputs["completion_mask"])
+        with torch.no_grad():
+            stats = sequence_logps(
+                ref_outputs.logits[..., :-1, :], labels, return_entropy=True, backend=self._pf_backend
+            )
+        return stats.logps, stats.entropy
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """TRL's precompute, storing ``ref_chosen_entropy``/``ref_rejected_entropy`` next to the log-probs."""
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+                "Dataset or set `precompute_ref_log_probs=False`."
+            )
+        if not isinstance(self.data_collator, _RefStatsCollator):
+            self.data_collator = _RefStatsCollator(self.data_collator)
+        model_hash = hash_module(self.ref_model or self.model)
+        fingerprint = [Hasher.hash((dataset._fingerprint, model_hash, _CACHE_SALT))]
+        broadcast_object_list(fingerprint, from_process=0)
+        fingerprint = fingerprint[0]
+        cache_file = dataset._get_cache_file_path(fingerprint)
+        if os.path.exists(cache_file):
+            return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            shuffle=False,
+        )
+        loader = self.accelerator.prepare(loader)
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+
+        columns = {k: [] for k in ("ref_chosen_logps", "ref_rejected_logps", *_REF_STAT_KEYS)}
+        for batch in tqdm(
+            iterable=loader,
+            desc=f"Computing reference log probs and entropies for {name} dataset",
+            disable=bool(os.environ.get("TQDM_DISABLE", "")),
+        ):
+            logps, entropy = self._compute_ref_stats(model, batch)
+            values = (*logps.chunk(2), *entropy.chunk(2))
+            values = self.accelerator.gather_for_metrics(values)
+            for key, value in zip(columns, values):
+                columns[key].append(value.cpu())
+        columns = {k: torch.cat(v) for k, v in columns.items()}
+
+        if self.accelerator.is_main_process:
+            dataset.map(
+                lambda batch, indices: {k: v[indices] for k, v in columns.items()},
+                with_indices=True,
+                batched=True,
+                remove_columns=dataset.column_names,
+                new_fingerprint=fingerprint,
+                cache_file_name=cache_file,
+                desc=f"Caching reference log probs and entropies for {name} dataset",
+            )
+        self.accelerator.wait_for_everyone()
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    # -------------------------------------------------------------------- loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._pf_use_linear:
+            return self._compute_loss_linear(self.accelerator.unwrap_model(model), inputs, return_outputs)
+        return self._compute_loss(model, inputs, return_outputs)
+
+    def _reference_inputs(self, inputs):
+        """Precomputed reference log-probs (and entropies when a Mallows loss needs them), or None."""
+        if not self.precompute_ref_logps:
+            return None
+        ref = {"ref_chosen_logps": inputs["ref_chosen_logps"], "ref_rejected_logps": inputs["ref_rejected_logps"]}
+        if self._pf_needs_entropy:
+            if "ref_chosen_entropy" not in inputs:
+                raise ValueError(
+                    "the Mallows losses need reference entropies, but the batch has precomputed ref_chosen_logps "
+                    "without ref_chosen_entropy/ref_rejected_entropy (a dataset precomputed by trl's DPOTrainer?); "
+                    "drop those columns so that FastDPOTrainer recomputes them"
+                )
+            ref["ref_chosen_entropy"] = inputs["ref_chosen_entropy"]
+            ref["ref_rejected_entropy"] = inputs["ref_rejected_entropy"]
+        return ref
+
+    def _pf_loss(self, chosen_logps, rejected_logps, num_tokens, vocab_size, ref: dict):
+        nc, nr = num_tokens.chunk(2)
+        out = preference_loss(
+            chosen_logps,
+            rejected_logps,
+            ref["ref_chosen_logps"],
+            ref["ref_rejected_logps"],
+            chosen_num_tokens=nc,
+            rejected_num_tokens=nr,
+            ref_chosen_entropy=ref.get("ref_chosen_entropy"),
+            ref_rejected_entropy=ref.get("ref_rejected_entropy"),
+            vocab_size=vocab_size,
+            **self._pf_loss_kwargs,
+        )
+        return out
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        outputs = model(**model_kwargs)
+
+        # Same shift and masking as trl: logits[:, t] predict input_ids[:, t + 1]; non-completion tokens ignored.
+        input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
+        shift_logits = outputs.logits[..., :-1, :]
+        shift_mask = completion_mask[..., 1:]
+        labels = _shift_labels(input_ids, completion_mask)
+        policy = sequence_logps(shift_logits, labels, return_entropy=True, backend=self._pf_backend)
+        chosen_logps, rejected_logps = policy.logps.chunk(2, dim=0)  # batch is [chosen, rejected]
+
+        ref = self._reference_inputs(inputs)
+        if ref is None:
+            ref_model_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+            ref_outputs = self._reference_forward(model, ref_model_kwargs)
+            with torch.no_grad():
+                ref_stats = sequence_logps(
+                    ref_outputs.logits[..., :-1, :],
+                    labels,
+                    return_entropy=self._pf_needs_entropy,
+                    backend=self._pf_backend,
+                )
+            del ref_outputs
+            ref = dict(zip(("ref_chosen_logps", "ref_rejected_logps"), ref_stats.logps.chunk(2)))
+            if self._pf_needs_entropy:
+                ref.update(zip(_REF_STAT_KEYS, ref_stats.entropy.chunk(2)))
+
+        out = self._pf_loss(chosen_logps, rejected_logps, policy.num_tokens, shift_logits.shape[-1], ref)
+        loss = out.loss
+        if self.aux_loss_enabled:
+            aux_loss = outputs.aux_loss
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+
+        # Metrics trl computes from the logits, here from pyfastpo's per-sequence stats (no extra pass) ...
+        gather = self.accelerator.gather_for_metrics
+        entropy_sum, total = gather(policy.entropy.sum()).sum(), gather(policy.num_tokens.sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
+        self._log_tokens_and_logits(mode, inputs, policy.mean_logits, policy.num_tokens)
+        # ... except the token accuracy, which needs the argmax of the chosen half (one read of those logits).
+        half = len(shift_mask) // 2
+        with torch.no_grad():
+            predictions = shift_logits[:half].argmax(dim=-1)
+        chosen_mask = shift_mask[:half].bool()
+        correct = gather(((predictions == input_ids[:half, 1:]) & chosen_mask).sum()).sum()
+        count = gather(chosen_mask.sum()).sum()
+        self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+        self._log_rewards(mode, out, chosen_logps, rejected_logps)
+        return (loss, outputs) if return_outputs else loss
+
+    def _compute_loss_linear(self, model, inputs, return_outputs):
+        if return_outputs:
+            raise RuntimeError(
+                "return_outputs=True is not supported with use_fused_linear=True: the logits are never materialized"
+            )
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        policy_model = _causal_lm(model)
+        hidden = _backbone(policy_model)(**model_kwargs).last_hidden_state[:, :-1]
+        lm_head = policy_model.get_output_embeddings()
+        labels = _shift_labels(inputs["input_ids"], inputs["completion_mask"])
+
+        ref_kwargs = {}
+        ref = self._reference_inputs(inputs)
+        if ref is None:
+            ref_out, ref_head = self._reference_forward(model, model_kwargs, backbone_only=True)
+            ref_kwargs = dict(
+                ref_hidden=ref_out.last_hidden_state[:, :-1], ref_weight=ref_head.weight, ref_bias=ref_head.bias
+            )
+        else:
+            ref_kwargs = {k: v for k, v in ref.items() if k in ("ref_chosen_logps", "ref_rejected_logps")}
+            if self._pf_needs_entropy:
+                ref_kwargs.update({k: ref[k] for k in _REF_STAT_KEYS})
+        out = linear_preference_loss(
+            hidden,
+            lm_head.weight,
+            labels,
+            bias=lm_head.bias,
+            backend=self._pf_backend,
+            **ref_kwargs,
+            **self._pf_loss_kwargs,
+        )
+        chosen_logps, rejected_logps = out.policy.logps.chunk(2)
+        if out.policy.entropy is not None:
+            gather = self.accelerator.gather_for_metrics
+            entropy_sum, total = gather(out.policy.entropy.sum()).sum(), gather(out.policy.num_tokens.sum()).sum()
+            self._metrics[mode]["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
+        # Like trl's Liger path: no mean_token_accuracy (it needs the argmax of logits that never exist).
+        self._log_tokens_and_logits(mode, inputs, out.policy.mean_logits, out.policy.num_tokens)
+        self._log_rewards(mode, out, chosen_logps, rejected_logps)
+        return out.loss
+
+    def _log_tokens_and_logits(self, mode, inputs, mean_logits, num_tokens):
+        """num_tokens and logits/* exactly as trl logs them."""
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        for name, mean, count in zip(("chosen", "rejected"), mean_logits.chunk(2), num_tokens.chunk(2)):
+            total_logits, total_tokens = gather((mean * count).sum()).sum().item(), gather(count.sum()).sum().item()
+            metrics[f"logits/{name}"].append(total_logits / total_tokens if total_tokens > 0 else 0.0)
+
+    def _log_rewards(self, mode, out, chosen_logps, rejected_logps):
+        """rewards/* and logps/* exactly as trl logs them, plus pyfastpo's extra metrics."""
+        metrics = self._metrics[mode]
+        chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
+        gather = self.accelerator.gather
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
+        metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+        for key in ("mallows/dispersion", "loss/bcr"):
+            if key in out.metrics:
+                metrics[key].append(self.accelerator.gather_for_metrics(out.metrics[key]).mean().item())
+
+
+def _shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """trl's alignment: ``labels[:, t] = input_ids[:, t + 1]``, non-completion tokens set to ``ignore_index``."""
+    return input_ids[..., 1:].masked_fill(completion_mask[..., 1:] == 0, ignore_index)
+
+
+def _causal_lm(model):
+    """The transformers causal LM inside a PEFT wrapper (the model itself otherwise)."""
+    return model.base_model.model if is_peft_model(model) else model
+
+
+def _backbone(model):
+    """The decoder stack without ``lm_head`` (``model.model`` for Llama-style causal LMs)."""
+    return model.base_model if getattr(model, "base_model", model) is not model else model.get_decoder()

@@ -1,0 +1,257 @@
+"""FastDPOTrainer against trl's DPOTrainer on a tiny Llama (CPU, float32, no downloads)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+import datasets  # noqa: E402
+import transformers  # noqa: E402
+from transformers import PrinterCallback  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from pyfastpo.integrations.trl import FastDPOConfig, FastDPOTrainer  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import tiny_setup  # noqa: E402
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+datasets.disable_progress_bars()
+transformers.logging.set_verbosity_error()
+
+# Every metric trl 1.13's DPOTrainer logs on this (dense, non-MoE) model.
+TRL_METRICS = [
+    "loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy",
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+]  # fmt: skip
+RTOL = 1e-4
+ATOL = 1e-6  # rewards are differences of ~ -30 log-probs: float32 rounding alone is ~1e-7 absolute there
+# Parity runs use a moderate learning rate: step-1 gradients agree to float32 rounding (~1e-6 of their max), but
+# AdamW divides each component by its own RMS, which turns that rounding into relative update differences on the
+# small-gradient components; at lr 1e-3 two float32 implementations drift to ~4e-4 in grad_norm after 8 steps
+# (pyfastpo's float64-exact reference backend included), at 3e-4 they stay below 2e-5.
+PARITY = dict(learning_rate=3e-4, max_steps=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: threads only add synchronization (and spin-waiting on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_setup.make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sft_model(tokenizer):
+    return tiny_setup.make_sft_model(tokenizer, pairs=256, steps=30)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_setup.make_preference_dataset(32)
+
+
+@pytest.fixture
+def model_dir(sft_model, tmp_path):
+    """The SFT model saved to disk, so that the trainers build their own reference from the path (trl's default)."""
+    sft_model.save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def config(cls, tmp_path, **overrides):
+    kwargs = tiny_setup.dpo_config_kwargs(output_dir=str(tmp_path / "out"), learning_rate=5e-3, max_steps=6)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def train(trainer_cls, model, tokenizer, dataset, args, **kwargs):
+    torch.manual_seed(0)  # the same LoRA initialization for every trainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **kwargs)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return trainer
+
+
+def step_logs(trainer):
+    return [h for h in trainer.state.log_history if "loss" in h and "grad_norm" in h]
+
+
+def assert_same_run(want, got, keys=TRL_METRICS):
+    """Same metrics at every step (rel 1e-4, abs 1e-6 floor) and the same final parameters (rel 1e-4)."""
+    logs_want, logs_got = step_logs(want), step_logs(got)
+    assert len(logs_want) == len(logs_got) > 0
+    for step, (a, b) in enumerate(zip(logs_want, logs_got), 1):
+        for key in keys:
+            assert key in b, f"{key} not logged"
+            assert abs(a[key] - b[key]) <= RTOL * abs(a[key]) + ATOL, (step, key, a[key], b[key])
+    for (name, p), q in zip(want.model.named_parameters(), got.model.parameters()):
+        scale = p.detach().abs().max().item()
+        assert (p.detach() - q.detach()).abs().max().item() <= RTOL * scale, name
+
+
+def test_sigmoid_reproduces_dpo_trainer_step_for_step(tokenizer, data, model_dir, tmp_path):
+    # Model given as a path: both trainers load the policy and build the reference the same (trl) way.
+    want = train(DPOTrainer, model_dir, tokenizer, data, config(DPOConfig, tmp_path, **PARITY))
+    got = train(FastDPOTrainer, model_dir, tokenizer, data, config(FastDPOConfig, tmp_path, **PARITY))
+    assert_same_run(want, got)
+    assert step_logs(got)[-1]["loss"] < math.log(2)  # it trained
+
+
+def test_precomputed_reference_matches_dpo_trainer(tokenizer, sft_model, data, tmp_path):
+    args = dict(PARITY, precompute_ref_log_probs=True, max_steps=4)
+    want = train(DPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(DPOConfig, tmp_path, **args))
+    got = train(FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(FastDPOConfig, tmp_path, **args))
+    assert_same_run(want, got)
+    for column in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy"):
+        assert column in got.train_dataset.column_names
+    torch.testing.assert_close(
+        torch.tensor(got.train_dataset["ref_chosen_logps"]), torch.tensor(want.train_dataset["ref_chosen_logps"])
+    )
+    entropy = torch.tensor(got.train_dataset["ref_chosen_entropy"])
+    assert bool((entropy > 0).all())
+
+
+def test_mallows_with_precomputed_entropies_matches_live_reference(tokenizer, sft_model, data, tmp_path):
+    args = dict(PARITY, loss_type="mallows_dpo", max_steps=3)
+    live = train(
+        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(FastDPOConfig, tmp_path, **args),
+        ref_model=copy.deepcopy(sft_model),
+    )  # fmt: skip
+    pre = train(
+        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data,
+        config(FastDPOConfig, tmp_path, precompute_ref_log_probs=True, **args),
+    )  # fmt: skip
+    assert_same_run(live, pre, keys=TRL_METRICS + ["mallows/dispersion"])
+    phi = step_logs(pre)[0]["mallows/dispersion"]
+    assert 0 < phi < 1
+
+
+def test_peft_matches_dpo_trainer(tokenizer, sft_model, data, tmp_path):
+    from peft import LoraConfig
+
+    def lora():
+        return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+
+    args = dict(max_steps=4, learning_rate=3e-3)  # LoRA: few, small parameters
+    want = train(
+        DPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(DPOConfig, tmp_path, **args), peft_config=lora()
+    )
+    got = train(
+        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(FastDPOConfig, tmp_path, **args),
+        peft_config=lora(),
+    )  # fmt: skip
+    assert got.ref_model is None  # the reference is the base model, adapter disabled
+    assert_same_run(want, got)
+    assert step_logs(got)[-1]["rewards/margins"] != 0
+
+
+@pytest.mark.parametrize("loss_type", ["focalpo", "mallows_dpo", "mallows_ipo", "mallows_phi", "simpo"])
+def test_new_loss_types_train(loss_type, tokenizer, sft_model, data, tmp_path):
+    args = config(FastDPOConfig, tmp_path, loss_type=loss_type, max_steps=24, per_device_eval_batch_size=32)
+    trainer = FastDPOTrainer(
+        model=copy.deepcopy(sft_model), ref_model=copy.deepcopy(sft_model), args=args,
+        train_dataset=data, eval_dataset=data, processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    logs = step_logs(trainer)
+    assert all(math.isfinite(h[key]) for h in logs for key in TRL_METRICS)
+    assert ("mallows/dispersion" in logs[0]) == loss_type.startswith("mallows")
+    assert before["eval_rewards/accuracies"] == 0  # policy == reference: every reward is 0
+    assert after["eval_rewards/accuracies"] >= 0.65, after
+    assert after["eval_rewards/margins"] > 0
+
+
+def test_multiple_loss_types_with_weights_and_bcr(tokenizer, sft_model, data, tmp_path):
+    args = config(
+        FastDPOConfig, tmp_path, loss_type=["sigmoid", "mallows_dpo"], loss_weights=[0.5, 1.0],
+        bcr_weight=0.1, bcr_budget=0.0, max_steps=3,
+    )  # fmt: skip
+    trainer = train(
+        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model)
+    )
+    first = step_logs(trainer)[0]
+    # Step 1: policy == reference, so each loss is log 2 and BCR is 0.
+    assert first["loss"] == pytest.approx(1.5 * math.log(2), rel=1e-6)
+    assert first["loss/bcr"] == 0
+    assert 0 < first["mallows/dispersion"] < 1
+
+
+def test_plain_dpo_config_is_accepted(tokenizer, sft_model, data, tmp_path):
+    trainer = train(
+        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(DPOConfig, tmp_path, max_steps=1),
+        ref_model=copy.deepcopy(sft_model),
+    )  # fmt: skip
+    assert step_logs(trainer)[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+UNSUPPORTED = {
+    "use_liger_kernel": dict(use_liger_kernel=True),
+    "ld_alpha": dict(ld_alpha=0.5),
+    "use_weighting": dict(use_weighting=True),
+    "f_divergence_type": dict(f_divergence_type="forward_kl"),
+    "padding_free": dict(padding_free=True),
+    "pyfastpo_backend": dict(pyfastpo_backend="cuda" if not torch.cuda.is_available() else "nope"),
+}
+
+
+@pytest.mark.parametrize("option", sorted(UNSUPPORTED))
+def test_unsupported_option_raises(option, tokenizer, sft_model, data, tmp_path):
+    with pytest.raises(ValueError, match=option):
+        args = config(FastDPOConfig, tmp_path, **UNSUPPORTED[option])
+        FastDPOTrainer(
+            model=copy.deepcopy(sft_model), ref_model=copy.deepcopy(sft_model), args=args,
+            train_dataset=data, processing_class=tokenizer,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(loss_type="nope"), "loss_type"),
+        (dict(loss_type=["sigmoid", "bogus"]), "loss_type"),
+        (dict(beta=-1.0), "beta"),
+        (dict(loss_type="robust", label_smoothing=0.7), "label_smoothing"),
+        (dict(pyfastpo_backend="gpu"), "pyfastpo_backend"),
+    ],
+)
+def test_bad_config_raises(overrides, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        config(FastDPOConfig, tmp_path, **overrides)
+
+
+def test_new_loss_types_are_accepted_by_the_config(tmp_path):
+    args = config(FastDPOConfig, tmp_path, loss_type=["focalpo", "mallows_phi", "simpo"], loss_weights=[1, 1, 1])
+    assert args.loss_type == ["focalpo", "mallows_phi", "simpo"]
+    assert config(FastDPOConfig, tmp_path, loss_type="mallows_ipo").loss_type == ["mallows_ipo"]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "mallows_dpo"])
+@pytest.mark.parametrize("precompute", [False, True])
+def test_fused_linear_matches_logits_path(loss_type, precompute, tokenizer, sft_model, data, tmp_path):
+    runs = []
+    for fused in (False, True):
+        args = config(
+            FastDPOConfig, tmp_path, **dict(PARITY, max_steps=3), loss_type=loss_type, use_fused_linear=fused,
+            precompute_ref_log_probs=precompute,
+        )  # fmt: skip
+        ref = None if precompute else copy.deepcopy(sft_model)
+        runs.append(train(FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=ref))
+    keys = [k for k in TRL_METRICS if k not in ("entropy", "mean_token_accuracy")]  # not computed without logits
+    assert_same_run(*runs, keys=keys)
