@@ -27,14 +27,19 @@ def run_one(contender: str, logits, ref_logits, labels, loss_type: str, repeats:
     def step(x):
         kwargs = dict(loss_type=loss_type, beta=0.1, label_smoothing=0.1 if loss_type == "exo_pair" else 0.0)
         if contender == "trl-way":
+            valid = labels != IGNORE
             with torch.no_grad():
                 ref = trl_way_logps(ref_logits, labels)
-            pol = pyfastpo.sequence_logps(logits, labels, backend="reference")  # counts and entropies only
-            refstats = pyfastpo.sequence_logps(ref_logits, labels, backend="reference", return_entropy=True)
+                if loss_type.startswith("mallows"):  # the reference's token entropies, the same way
+                    logp = torch.log_softmax(ref_logits.float(), dim=-1)
+                    kwargs["ref_chosen_entropy"], kwargs["ref_rejected_entropy"] = (
+                        (-(logp.exp() * logp).sum(-1) * valid).sum(-1).chunk(2)
+                    )
+                    del logp
+            counts = valid.sum(-1).chunk(2)
             out = pyfastpo.preference_loss(
-                *trl_way_logps(x, labels).chunk(2), *ref.chunk(2), chosen_num_tokens=pol.num_tokens[: len(ref) // 2],
-                rejected_num_tokens=pol.num_tokens[len(ref) // 2 :], ref_chosen_entropy=refstats.entropy.chunk(2)[0],
-                ref_rejected_entropy=refstats.entropy.chunk(2)[1], vocab_size=logits.shape[-1], **kwargs,
+                *trl_way_logps(x, labels).chunk(2), *ref.chunk(2), chosen_num_tokens=counts[0],
+                rejected_num_tokens=counts[1], vocab_size=logits.shape[-1], **kwargs,
             )  # fmt: skip
         else:
             out = pyfastpo.fused_preference_loss(x, labels, ref_logits=ref_logits, backend=contender, **kwargs)
