@@ -14,7 +14,9 @@
 // Special values, without branches: a shift d = x - m is clamped to
 // [PFPO_D_MIN, +inf) before exp, so -inf logits (masked vocabulary entries)
 // and the empty state (m = -inf) contribute exactly 0 instead of 0 * inf = nan;
-// a NaN logit makes the max NaN (pfpo_max propagates it), hence lse and logp NaN.
+// a NaN logit can be dropped by the max and the clamps, but sum_x always
+// carries it, and finalize() turns a NaN sum_x into NaN lse and entropy (hence
+// NaN logp and gradient): a NaN logit is never silently skipped.
 #pragma once
 
 #include <stdint.h>
@@ -55,8 +57,7 @@ PFPO_HD float u2f(uint32_t u) {
 #endif
 }
 
-// max that propagates NaN from x (a NaN logit must not be silently skipped).
-// Written as a select so that it vectorizes without -ffast-math.
+// max as a select (NaN handling: see finalize). Written as a select so that it vectorizes without -ffast-math.
 PFPO_HD float pfpo_max(float m, float x) { return (x <= m) ? m : x; }
 
 // Clamp a shift d = x - m (<= 0) so that exp and d * exp(d) stay finite; NaN -> PFPO_D_MIN.
@@ -157,10 +158,14 @@ struct Stats {
   float lse, entropy;
 };
 
-// lse = m + log s; entropy = log s - t / s (nats).
+// lse = m + log s; entropy = log s - t / s (nats). A NaN logit may have been
+// dropped by the max or the shift clamp, but it always reaches sum_x: then
+// lse and entropy are NaN too (once per row, off the hot loop).
 PFPO_HD Stats finalize(State st) {
   float log_s = logf(st.s);
-  return Stats{st.m + log_s, log_s - st.t / st.s};
+  Stats r{st.m + log_s, log_s - st.t / st.s};
+  if (st.sum_x != st.sum_x) r.lse = r.entropy = st.sum_x;
+  return r;
 }
 
 // d logp / d x_v scaled by g, for a non-target column: -g * exp(x - lse).

@@ -70,6 +70,7 @@ class _LinearLogpsFunction(torch.autograd.Function):
         return logps, num_tokens, entropy, mean_logits
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises instead of being wrong
     def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
         hidden, weight, bias, labels, n_idx, t_idx, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -88,10 +89,14 @@ class _LinearLogpsFunction(torch.autograd.Function):
             if need_h:
                 grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ weight).to(hidden.dtype)
             if need_w:
-                if grad_logits.dtype == acc:
-                    grad_weight.addmm_(grad_logits.t(), h)  # no [V, H] temporary per chunk
-                else:  # 16-bit: the product rounds once per chunk, the sum stays in float32
-                    grad_weight += (grad_logits.t() @ h).to(acc)
+                if grad_logits.dtype == acc or not grad_logits.is_cuda:
+                    # In place, no [V, H] temporary per chunk; the float32 copy of a
+                    # 16-bit chunk is within the chunk's memory budget.
+                    grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
+                else:
+                    # On a GPU keep the 16-bit GEMM (float32 accumulation inside cuBLAS,
+                    # many times a float32 GEMM's speed) and add its [V, H] product in place.
+                    grad_weight.add_(grad_logits.t() @ h)
             if need_b:
                 grad_bias += grad_logits.to(acc).sum(0)
             del logits, grad_logits

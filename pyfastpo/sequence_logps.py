@@ -50,6 +50,7 @@ class _SequenceLogpsFunction(torch.autograd.Function):
         return logps, num_tokens, entropy, mean_logits
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a double backward raises instead of being wrong
     def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
         logits, labels, lse = ctx.saved_tensors
         grad_scale = grad_logps.to(lse.dtype).contiguous()
@@ -59,6 +60,24 @@ class _SequenceLogpsFunction(torch.autograd.Function):
             # The logits now hold their gradient: make any other saved use of them fail loudly.
             torch.autograd.graph.increment_version(logits)
         return out, None, None, None, None
+
+
+def _has_internal_overlap(x: torch.Tensor) -> bool:
+    """True when two elements of ``x`` may share memory (e.g. an ``expand``ed tensor)."""
+    extent = 1  # one past the largest offset reachable through the inner dims
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+def can_overwrite(logits: torch.Tensor) -> bool:
+    """Whether the backward may write the gradient into ``logits``' storage: the storage
+    must belong to a tensor produced by autograd (never a leaf the caller owns, even
+    through a view of it) and no two elements may share memory."""
+    owner = logits._base if logits._base is not None else logits
+    return owner.grad_fn is not None and not _has_internal_overlap(logits)
 
 
 def sequence_logps(
@@ -82,16 +101,19 @@ def sequence_logps(
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"`` or ``"cpp"``.
         inplace_backward: write the gradient into the logits' own storage (no
             second logits-sized tensor). Applies only to logits produced by
-            autograd (non-leaf); a leaf tensor the caller owns is never
-            overwritten. The logits' version counter is bumped, so any other
-            user of them fails loudly instead of reading the gradient.
+            autograd (non-leaf) whose elements do not overlap; a leaf tensor
+            the caller owns is never overwritten, not even through a view.
+            The logits' version counter is bumped, so any other user of them
+            fails loudly instead of reading the gradient. Note: for a slice such
+            as ``logits[:, :-1]`` autograd's slice backward still allocates a
+            tensor the size of the full logits to hold the gradient.
 
     Returns:
         :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``.
     """
     labels = check_logits_labels(logits, labels, ignore_index)
     impl = get_backend(backend, logits.device, logits.dtype)
-    inplace = bool(inplace_backward) and logits.grad_fn is not None
+    inplace = bool(inplace_backward) and can_overwrite(logits)
     logps, num_tokens, entropy, mean_logits = _SequenceLogpsFunction.apply(
         logits, labels, int(ignore_index), impl, inplace
     )

@@ -253,13 +253,18 @@ def test_cuda_extension_built_and_clear_without_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("vocab", [1, 17, 4099, 32000])
+@pytest.mark.parametrize("vocab", [1, 17, 4099, 32000, 50257])
 def test_cuda_backend_vs_reference(dtype, vocab):
     from pyfastpo.backends import cuda_backend
 
     torch.manual_seed(vocab)
     full = (torch.randn(3, 9, vocab, device="cuda") * 3).to(dtype)
-    for x in (full, full[:, :-1]):  # aligned / possibly unaligned rows (vector and scalar paths)
+    # A row padded to a multiple of 64 (16-byte aligned rows, so the vector path, with a
+    # scalar tail when vocab % K != 0) and the same starting one element in (misaligned
+    # base pointer: the scalar path).
+    padded = (torch.randn(3, 9, (vocab + 1 + 63) // 64 * 64, device="cuda") * 3).to(dtype)
+    views = (full, full[:, :-1], padded[..., :vocab], padded[..., 1 : vocab + 1])
+    for x in views:
         y = torch.randint(0, vocab, x.shape[:2], device="cuda")
         y[0, 1] = -100
         ref = reference.forward(x, y, -100)

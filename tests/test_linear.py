@@ -157,3 +157,22 @@ def test_bad_inputs():
         pyfastpo.linear_preference_loss(hidden, weight, bad)
     with pytest.raises(ValueError, match="ref_hidden shape"):
         pyfastpo.linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden[:, 1:])
+
+
+def test_bfloat16_peak_memory_has_no_weight_sized_temporaries():
+    """On the CPU the 16-bit path accumulates the weight gradient in place: its peak stays
+    within the float32 accumulator, the returned gradient and chunk-sized buffers."""
+    n, t, h, v, chunk = 4, 16, 256, 8192, 4
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, t, h, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h, generator=g) / h**0.5).bfloat16().requires_grad_()
+    labels = torch.randint(0, v, (n, t), generator=g)
+
+    def step():
+        out = pyfastpo.linear_preference_loss(hidden, weight, labels, backend="cpp", chunk_tokens=chunk)
+        return torch.autograd.grad(out.loss, (hidden, weight))
+
+    _, peak = peak_memory(step)
+    accumulator, returned = v * h * 4, v * h * 2
+    bound = accumulator + returned + 16 * chunk * v * 4 + hidden.numel() * 4 + (1 << 16)
+    assert peak <= bound, f"peak {peak} > bound {bound}"

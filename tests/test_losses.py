@@ -319,3 +319,25 @@ def test_mallows_phi_moves_from_zero_margin():
     m = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     mallows_kendall_log_prob(m, torch.tensor(0.5, dtype=torch.float64)).sum().backward()
     assert bool((m.grad > 0).all())
+
+
+def test_sft_divides_by_the_total_token_count_like_trl():
+    """TRL's sft is a cross-entropy over all chosen tokens: an empty completion adds
+    nothing to the numerator and nothing to the denominator."""
+    c = torch.tensor([-10.0, 0.0], dtype=torch.float64)
+    out = pyfastpo.preference_loss(
+        c, c.clone(), loss_type="sft", chosen_num_tokens=torch.tensor([5, 0]), rejected_num_tokens=torch.tensor([5, 5])
+    )
+    torch.testing.assert_close(out.losses, torch.full((2,), 2.0, dtype=torch.float64))
+
+
+def test_dispersion_leaves_out_an_empty_completion():
+    h, n = torch.tensor([3.0]), torch.tensor([4])
+    alone = dispersion_from_entropy(h, torch.zeros(1), n, torch.zeros(1, dtype=torch.int64), V, C_DISP)
+    both = dispersion_from_entropy(h, h, n, n, V, C_DISP)
+    torch.testing.assert_close(alone, both)
+
+
+def test_missing_rejected_logps_raises_value_error():
+    with pytest.raises(ValueError, match="rejected_logps"):
+        pyfastpo.preference_loss(torch.zeros(2), None)

@@ -138,3 +138,52 @@ def test_auto_picks_a_compiled_backend_on_cpu():
 
     assert get_backend("auto", torch.device("cpu"), torch.float32).name == "cpp"
     assert get_backend("auto", torch.device("cpu"), torch.float64).name == "reference"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_leaf_logits_are_never_overwritten_through_a_view(backend, device):
+    leaf = make_logits(2, 4, 40, device=device).requires_grad_()
+    before = leaf.detach().clone()
+    out = pyfastpo.sequence_logps(leaf[:, :-1], make_labels(2, 3, 40, device=device), backend=backend)
+    out.logps.sum().backward()
+    assert torch.equal(leaf.detach(), before)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_overlapping_logits_get_the_right_gradient(backend, device):
+    """An expanded tensor's rows share memory: writing the gradient in place would
+    clobber logits another row still has to read, so the backward must not."""
+    w = make_logits(1, 3, 33, device=device).requires_grad_()
+    labels = make_labels(4, 3, 33, ignore="none", device=device)
+    pyfastpo.sequence_logps((w * 1).expand(4, 3, 33), labels, backend=backend).logps.sum().backward()
+    want = oracle(w.expand(4, 3, 33), labels, torch.ones(4, dtype=torch.float64, device=device))["grad"].sum(0)
+    torch.testing.assert_close(w.grad[0].double(), want, **grad_tolerances(torch.float32))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ignore_index_inside_the_vocabulary(backend, device):
+    """ignore_index may be a real token id (e.g. 0): such labels are skipped, not scored."""
+    logits, labels = make_logits(2, 5, 20, device=device), make_labels(2, 5, 20, ignore="none", device=device)
+    labels[0, :2] = 0
+    out = pyfastpo.sequence_logps(logits, labels, ignore_index=0, backend=backend)
+    ref = oracle(logits, labels, ignore_index=0)
+    torch.testing.assert_close(out.logps.double(), ref["logps"], **tolerances(torch.float32, 3.0, 5))
+    assert torch.equal(out.num_tokens.cpu(), (labels != 0).sum(1).cpu())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_logit_is_never_silently_skipped(backend, device):
+    logits, labels = make_logits(2, 3, 40, device=device), make_labels(2, 3, 40, ignore="none", device=device)
+    logits[0, 1, 7] = float("nan")
+    out = pyfastpo.sequence_logps(logits, labels, backend=backend, return_entropy=True)
+    assert torch.isnan(out.logps[0]) and torch.isnan(out.entropy[0])
+    assert torch.isfinite(out.logps[1]) and torch.isfinite(out.entropy[1])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_double_backward_raises(backend, device):
+    logits = make_logits(2, 3, 10, device=device).requires_grad_()
+    out = pyfastpo.sequence_logps(logits, make_labels(2, 3, 10, device=device), backend=backend)
+    (grad,) = torch.autograd.grad(out.logps.sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|marked with"):
+        grad.sum().backward()

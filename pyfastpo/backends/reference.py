@@ -48,8 +48,8 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
         logp = x - lse[:, None]
         p = torch.exp(logp)
         # Entropy as -sum p log p (not lse - sum p x: that cancels at large logits);
-        # a column with p == 0 (x == -inf) adds nothing instead of nan.
-        plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=cdtype, device=x.device))
+        # a column with p == 0 (x == -inf) adds nothing instead of nan; NaN stays NaN.
+        plogp = torch.where(p == 0, torch.zeros((), dtype=cdtype, device=x.device), p * logp)
         stats[0, n_idx, t_idx] = logp.gather(1, y[:, None]).squeeze(1)
         stats[1, n_idx, t_idx] = lse
         stats[2, n_idx, t_idx] = -plogp.sum(-1)

@@ -39,8 +39,9 @@ def dispersion_from_entropy(
         ref_chosen_entropy, ref_rejected_entropy: ``[B]`` summed per-token
             entropies (nats) of the reference model over each completion
             (``sequence_logps(ref_logits, labels, return_entropy=True).entropy``).
-        chosen_num_tokens, rejected_num_tokens: ``[B]`` completion token counts
-            (a zero count is treated as one: its entropy sum is 0 anyway).
+        chosen_num_tokens, rejected_num_tokens: ``[B]`` completion token counts;
+            a completion with no token is left out of the average (the other
+            side's normalized entropy is used alone).
         vocab_size: V, the logits' width (at least 2).
         dispersion_scale: ``c``.
     """
@@ -49,7 +50,8 @@ def dispersion_from_entropy(
     log_v = math.log(vocab_size)
     hc = ref_chosen_entropy / (chosen_num_tokens.clamp_min(1) * log_v)
     hr = ref_rejected_entropy / (rejected_num_tokens.clamp_min(1) * log_v)
-    hbar = ((hc + hr) / 2).clamp(PHI_MIN, 1.0)
+    sides = (chosen_num_tokens > 0).to(hc.dtype) + (rejected_num_tokens > 0).to(hc.dtype)
+    hbar = ((hc + hr) / sides.clamp_min(1)).clamp(PHI_MIN, 1.0)
     return hbar**dispersion_scale
 
 

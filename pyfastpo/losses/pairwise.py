@@ -21,8 +21,8 @@ class PairTerms:
     """Everything a per-pair loss may read; tensors are ``[B]`` in the compute dtype.
 
     ``chosen``/``rejected`` are policy log-probs, ``ref_*`` the reference's (0
-    when reference-free), ``nc``/``nr`` completion token counts clamped to at
-    least 1 (None when not given), ``phi`` the Mallows dispersion (None unless a
+    when reference-free), ``chosen_tokens``/``rejected_tokens`` completion token
+    counts (None when not given; ``nc``/``nr`` are the same clamped to at least 1), ``phi`` the Mallows dispersion (None unless a
     Mallows loss is used).
     """
 
@@ -32,13 +32,23 @@ class PairTerms:
     ref_rejected: torch.Tensor
     beta: float
     label_smoothing: float = 0.0
-    nc: torch.Tensor | None = None
-    nr: torch.Tensor | None = None
+    chosen_tokens: torch.Tensor | None = None
+    rejected_tokens: torch.Tensor | None = None
     phi: torch.Tensor | None = None
     focal_gamma: float = 0.05
     focal_detach: bool = False
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
+
+    @property
+    def nc(self) -> torch.Tensor:
+        """Chosen token counts, at least 1 (an empty completion divides by 1, never 0)."""
+        return self.chosen_tokens.clamp_min(1)
+
+    @property
+    def nr(self) -> torch.Tensor:
+        """Rejected token counts, at least 1."""
+        return self.rejected_tokens.clamp_min(1)
 
     @property
     def dc(self) -> torch.Tensor:
@@ -140,7 +150,7 @@ def sigmoid_norm(p: PairTerms) -> torch.Tensor:
 
 def sft(p: PairTerms) -> torch.Tensor:
     """TRL's ``sft``: token-mean NLL of the chosen completions, the same for every pair."""
-    return (-p.chosen.sum() / p.nc.sum()).expand_as(p.chosen)
+    return (-p.chosen.sum() / p.chosen_tokens.sum().clamp_min(1)).expand_as(p.chosen)
 
 
 def focalpo(p: PairTerms) -> torch.Tensor:

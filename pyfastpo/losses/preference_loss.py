@@ -140,6 +140,8 @@ def preference_loss(
         ref_rejected_entropy=ref_rejected_entropy,
         dispersion=dispersion,
     )
+    if rejected_logps is None:
+        raise ValueError("rejected_logps is required: a tensor of shape [B], one value per pair")
     for name, value in vectors.items():
         _check_vector(name, value, b)
     check_same_device(chosen_logps=chosen_logps, **vectors)
@@ -157,8 +159,8 @@ def preference_loss(
     have_counts = chosen_num_tokens is not None and rejected_num_tokens is not None
     if needs_counts and not have_counts:
         raise ValueError(f"{needs_counts} need chosen_num_tokens and rejected_num_tokens (completion token counts)")
-    nc = chosen_num_tokens.to(dtype).clamp_min(1) if chosen_num_tokens is not None else None
-    nr = rejected_num_tokens.to(dtype).clamp_min(1) if rejected_num_tokens is not None else None
+    nc = chosen_num_tokens.to(dtype) if chosen_num_tokens is not None else None
+    nr = rejected_num_tokens.to(dtype) if rejected_num_tokens is not None else None
 
     phi = None
     if MALLOWS & set(types):
@@ -180,11 +182,11 @@ def preference_loss(
     metrics = {}
     if bcr_weight:
         drop = ref_chosen - chosen
-        bcr = bcr_weight * torch.relu((drop / nc if bcr_per_token else drop) - bcr_budget)
+        bcr = bcr_weight * torch.relu((drop / terms.nc if bcr_per_token else drop) - bcr_budget)
         losses = losses + bcr
         metrics["loss/bcr"] = bcr.detach().mean()
     if nll_weight:
-        nll = nll_weight * (-chosen / nc)
+        nll = nll_weight * (-chosen / terms.nc)
         losses = losses + nll
         metrics["loss/nll"] = nll.detach().mean()
 
