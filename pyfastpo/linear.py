@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .backends import get_backend
+from .backends import TokenStats, get_backend
 from .fused import FusedPreferenceLossOutput, _preference_from_stats
-from .sequence_logps import SequenceLogps
+from .sequence_logps import SequenceLogps, reduce_tokens
 from .validation import FLOAT_DTYPES, check_labels, check_pairs, check_same_device
 
 DEFAULT_MEMORY_BUDGET = 256 << 20
@@ -62,8 +62,7 @@ class _LinearLogpsFunction(torch.autograd.Function):
         per_seq = torch.zeros(4, n, t, dtype=cdtype, device=hidden.device)
         per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
         num_tokens = (labels != ignore_index).sum(dim=1)
-        logps, _, entropy, sum_logits = per_seq.sum(dim=2)
-        mean_logits = sum_logits / (num_tokens * vocab).clamp_min(1)
+        logps, entropy, mean_logits = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab)
         ctx.save_for_backward(hidden, weight, bias, labels, n_idx, t_idx, stats[1].clone())
         ctx.backend, ctx.chunk, ctx.ignore_index = backend, chunk, ignore_index
         ctx.mark_non_differentiable(num_tokens, entropy, mean_logits)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .backends import get_backend
+from .backends import TokenStats, get_backend
 from .validation import check_logits_labels
 
 
@@ -33,15 +33,19 @@ class SequenceLogps(NamedTuple):
     mean_logits: torch.Tensor
 
 
+def reduce_tokens(stats: TokenStats, num_tokens: torch.Tensor, vocab: int):
+    """Per-sequence ``(logps, entropy, mean_logits)``, each ``[N]``, from per-token stats
+    ``[N, T]`` (zero at ignored tokens): sums over T in a fixed order (deterministic)."""
+    denom = (num_tokens * vocab).clamp_min(1).to(stats.sum_logits.dtype)
+    return stats.logp.sum(dim=1), stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom
+
+
 class _SequenceLogpsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, backend, inplace_backward):
         stats = backend.forward(logits, labels, ignore_index)
         num_tokens = (labels != ignore_index).sum(dim=1)
-        logps = stats.logp.sum(dim=1)
-        entropy = stats.entropy.sum(dim=1)
-        denom = (num_tokens * logits.shape[-1]).clamp_min(1).to(stats.sum_logits.dtype)
-        mean_logits = stats.sum_logits.sum(dim=1) / denom
+        logps, entropy, mean_logits = reduce_tokens(stats, num_tokens, logits.shape[-1])
         ctx.save_for_backward(logits, labels, stats.lse)
         ctx.backend = backend
         ctx.ignore_index = ignore_index

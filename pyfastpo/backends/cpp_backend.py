@@ -42,6 +42,32 @@ def dtype_code(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
 
 
+def forward_args(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, out: torch.Tensor) -> tuple:
+    """The positional arguments ``_C.forward`` and ``_cuda.forward`` share: pointers,
+    dtype code, sizes and strides of ``logits [N, T, V]``, ``labels`` and the four
+    ``[N, T]`` float32 rows of ``out [4, N, T]``."""
+    n, t, v = logits.shape
+    return (
+        logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
+        labels.data_ptr(), int(ignore_index), *(row.data_ptr() for row in out),
+    )  # fmt: skip
+
+
+def backward_args(logits, labels, lse, grad_scale, ignore_index, out) -> tuple:
+    """The positional arguments ``_C.backward`` and ``_cuda.backward`` share. ``lse``
+    and ``grad_scale`` must already be float32 and contiguous (the contract of
+    :mod:`pyfastpo.backends.base`): the kernels read them as flat arrays."""
+    for what, x in (("lse", lse), ("grad_scale", grad_scale)):
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"{what} must be a contiguous float32 tensor, got {x.dtype} strides {x.stride()}")
+    n, t, v = logits.shape
+    return (
+        logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
+        labels.data_ptr(), lse.data_ptr(), grad_scale.data_ptr(), int(ignore_index),
+        out.data_ptr(), out.stride(0), out.stride(1),
+    )  # fmt: skip
+
+
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
     """Per-token stats.
 
@@ -51,15 +77,10 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
     Returns:
         :class:`TokenStats` of four ``[N, T]`` float32 tensors (logp, lse, entropy, sum_logits).
     """
-    n, t, v = logits.shape
+    n, t, _ = logits.shape
     out = torch.empty(4, n, t, dtype=torch.float32, device=logits.device)
     if out.numel():
-        _C.forward(
-            logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
-            labels.data_ptr(), int(ignore_index),
-            out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(), out[3].data_ptr(),
-            torch.get_num_threads(),
-        )
+        _C.forward(*forward_args(logits, labels, ignore_index, out), torch.get_num_threads())
     return TokenStats(*out.unbind(0))
 
 
@@ -76,17 +97,9 @@ def backward(
     Args:
         logits: ``[N, T, V]`` as in :func:`forward`.
         labels: ``[N, T]`` int64, contiguous.
-        lse: ``[N, T]`` float32 from :func:`forward`.
+        lse: ``[N, T]`` float32, contiguous, from :func:`forward`.
         grad_scale: ``[N]`` float32, contiguous.
         out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits`` itself.
     """
-    n, t, v = logits.shape
-    if n * t == 0:
-        return
-    lse = lse.to(torch.float32).contiguous()
-    grad_scale = grad_scale.to(torch.float32).contiguous()
-    _C.backward(
-        logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
-        labels.data_ptr(), lse.data_ptr(), grad_scale.data_ptr(), int(ignore_index),
-        out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads(),
-    )
+    if logits.shape[0] * logits.shape[1]:
+        _C.backward(*backward_args(logits, labels, lse, grad_scale, ignore_index, out), torch.get_num_threads())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import TokenStats
-from .cpp_backend import dtype_code
+from .cpp_backend import backward_args, forward_args
 
 try:
     from pyfastpo import _cuda
@@ -49,17 +49,11 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
     Returns:
         :class:`TokenStats` of four ``[N, T]`` float32 tensors (logp, lse, entropy, sum_logits).
     """
-    n, t, v = logits.shape
+    n, t, _ = logits.shape
     with torch.cuda.device(logits.device):
         out = torch.empty(4, n, t, dtype=torch.float32, device=logits.device)
         if out.numel():
-            device, stream = _device_and_stream(logits)
-            _cuda.forward(
-                logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0),
-                logits.stride(1), labels.data_ptr(), int(ignore_index),
-                out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(), out[3].data_ptr(),
-                device, stream,
-            )
+            _cuda.forward(*forward_args(logits, labels, ignore_index, out), *_device_and_stream(logits))
     return TokenStats(*out.unbind(0))
 
 
@@ -76,19 +70,11 @@ def backward(
     Args:
         logits: ``[N, T, V]`` as in :func:`forward`.
         labels: ``[N, T]`` int64, contiguous.
-        lse: ``[N, T]`` float32 from :func:`forward`.
+        lse: ``[N, T]`` float32, contiguous, from :func:`forward`.
         grad_scale: ``[N]`` float32, contiguous.
         out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits`` itself.
     """
-    n, t, v = logits.shape
-    if n * t == 0:
-        return
-    with torch.cuda.device(logits.device):
-        lse = lse.to(torch.float32).contiguous()
-        grad_scale = grad_scale.to(torch.float32).contiguous()
-        device, stream = _device_and_stream(logits)
-        _cuda.backward(
-            logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0),
-            logits.stride(1), labels.data_ptr(), lse.data_ptr(), grad_scale.data_ptr(),
-            int(ignore_index), out.data_ptr(), out.stride(0), out.stride(1), device, stream,
-        )
+    if logits.shape[0] * logits.shape[1]:
+        with torch.cuda.device(logits.device):
+            args = backward_args(logits, labels, lse, grad_scale, ignore_index, out)
+            _cuda.backward(*args, *_device_and_stream(logits))
