@@ -309,11 +309,9 @@ class FastDPOTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         ref_outputs = self._reference_forward(model, model_kwargs)
-        labels = _shift_labels(inputs["input_ids"], inputs["completion_mask"])
+        labels = _next_token_labels(inputs["input_ids"], inputs["completion_mask"])
         with torch.no_grad():
-            stats = sequence_logps(
-                ref_outputs.logits[..., :-1, :], labels, return_entropy=True, backend=self._pf_backend
-            )
+            stats = sequence_logps(ref_outputs.logits, labels, return_entropy=True, backend=self._pf_backend)
         return stats.logps, stats.entropy
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -424,12 +422,14 @@ class FastDPOTrainer(DPOTrainer):
             model_kwargs["output_router_logits"] = True
         outputs = model(**model_kwargs)
 
-        # Same shift and masking as trl: logits[:, t] predict input_ids[:, t + 1]; non-completion tokens ignored.
+        # Same alignment and masking as trl: logits[:, t] predict input_ids[:, t + 1]; non-completion tokens
+        # ignored. The labels are shifted instead of the logits (the last position predicts nothing), so the
+        # in-place backward writes the gradient into the model's logits with no slice to back-propagate.
         input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
-        shift_logits = outputs.logits[..., :-1, :]
+        logits = outputs.logits
         shift_mask = completion_mask[..., 1:]
-        labels = _shift_labels(input_ids, completion_mask)
-        policy = sequence_logps(shift_logits, labels, return_entropy=True, backend=self._pf_backend)
+        labels = _next_token_labels(input_ids, completion_mask)
+        policy = sequence_logps(logits, labels, return_entropy=True, backend=self._pf_backend)
         chosen_logps, rejected_logps = policy.logps.chunk(2, dim=0)  # batch is [chosen, rejected]
 
         ref = self._reference_inputs(inputs)
@@ -438,7 +438,7 @@ class FastDPOTrainer(DPOTrainer):
             ref_outputs = self._reference_forward(model, ref_model_kwargs)
             with torch.no_grad():
                 ref_stats = sequence_logps(
-                    ref_outputs.logits[..., :-1, :],
+                    ref_outputs.logits,
                     labels,
                     return_entropy=self._pf_needs_entropy,
                     backend=self._pf_backend,
@@ -448,7 +448,7 @@ class FastDPOTrainer(DPOTrainer):
             if self._pf_needs_entropy:
                 ref.update(zip(_REF_STAT_KEYS, ref_stats.entropy.chunk(2)))
 
-        out = self._pf_loss(chosen_logps, rejected_logps, policy.num_tokens, shift_logits.shape[-1], ref)
+        out = self._pf_loss(chosen_logps, rejected_logps, policy.num_tokens, logits.shape[-1], ref)
         loss = out.loss
         if self.aux_loss_enabled:
             aux_loss = outputs.aux_loss
@@ -463,7 +463,7 @@ class FastDPOTrainer(DPOTrainer):
         # ... except the token accuracy, which needs the argmax of the chosen half (one read of those logits).
         half = len(shift_mask) // 2
         with torch.no_grad():
-            predictions = shift_logits[:half].argmax(dim=-1)
+            predictions = logits[:half, :-1].argmax(dim=-1)
         chosen_mask = shift_mask[:half].bool()
         correct = gather(((predictions == input_ids[:half, 1:]) & chosen_mask).sum()).sum()
         count = gather(chosen_mask.sum()).sum()
@@ -480,16 +480,16 @@ class FastDPOTrainer(DPOTrainer):
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         policy_model = _causal_lm(model)
-        hidden = _backbone(policy_model)(**model_kwargs).last_hidden_state[:, :-1]
+        hidden = _backbone(policy_model)(**model_kwargs).last_hidden_state
         lm_head = policy_model.get_output_embeddings()
-        labels = _shift_labels(inputs["input_ids"], inputs["completion_mask"])
+        labels = _next_token_labels(inputs["input_ids"], inputs["completion_mask"])
 
         ref_kwargs = {}
         ref = self._reference_inputs(inputs)
         if ref is None:
             ref_out, ref_head = self._reference_forward(model, model_kwargs, backbone_only=True)
             ref_kwargs = dict(
-                ref_hidden=ref_out.last_hidden_state[:, :-1], ref_weight=ref_head.weight, ref_bias=ref_head.bias
+                ref_hidden=ref_out.last_hidden_state, ref_weight=ref_head.weight, ref_bias=ref_head.bias
             )
         else:
             ref_kwargs = {k: v for k, v in ref.items() if k in ("ref_chosen_logps", "ref_rejected_logps")}
@@ -542,9 +542,11 @@ class FastDPOTrainer(DPOTrainer):
                 metrics[key].append(self.accelerator.gather_for_metrics(out.metrics[key]).mean().item())
 
 
-def _shift_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """trl's alignment: ``labels[:, t] = input_ids[:, t + 1]``, non-completion tokens set to ``ignore_index``."""
-    return input_ids[..., 1:].masked_fill(completion_mask[..., 1:] == 0, ignore_index)
+def _next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, ignore_index: int = -100):
+    """trl's alignment as ``[N, L]`` labels for the unshifted logits: ``labels[:, t] = input_ids[:, t + 1]``,
+    non-completion tokens and the last position (which predicts nothing) set to ``ignore_index``."""
+    labels = input_ids[..., 1:].masked_fill(completion_mask[..., 1:] == 0, ignore_index)
+    return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
 
 
 def _causal_lm(model):
