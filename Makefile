@@ -31,7 +31,7 @@ test: setup
 demo: setup
 	OMP_WAIT_POLICY=passive $(PY) -m pyfastpo.bench --quick
 	OMP_WAIT_POLICY=passive $(PY) -m pyfastpo.demo
-	OMP_WAIT_POLICY=passive $(PY) examples/train_tiny_dpo.py --quick --out out/tiny_dpo
+	OMP_WAIT_POLICY=passive $(PY) examples/train_tiny_dpo.py --out out/tiny_dpo
 
 bench: setup
 	$(PY) -m pyfastpo.bench
