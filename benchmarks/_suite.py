@@ -25,7 +25,10 @@ def run(benchmark, contender, path, size, device, dtype, rounds) -> None:
     prepare, forward, backward = case.callables(op)
 
     def setup():
-        return (prepare(),), {}
+        inputs = prepare()
+        if device.type == "cuda":  # the untimed copy must be finished before the timer starts
+            torch.cuda.synchronize(device)
+        return (inputs,), {}
 
     def step(inputs):
         backward(inputs, forward(inputs))

@@ -6,7 +6,7 @@ asks for an object of a colour; the chosen answer has that colour, the rejected
 one another). Every run starts from the same initial model.
 
     python examples/train_tiny_dpo.py                       # 300 steps each: sigmoid, focalpo, mallows_dpo
-    python examples/train_tiny_dpo.py --quick               # a few seconds per loss type (make demo)
+    python examples/train_tiny_dpo.py --quick               # a few seconds per loss type
     python examples/train_tiny_dpo.py --loss-types sigmoid ipo simpo --steps 500 --out runs/
 
 Prints a progress line every ``--log-every`` steps, then a table (final loss,
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--backend", default="auto", help="pyfastpo backend")
     parser.add_argument("--log-every", type=int, default=25, help="print a progress line every N steps")
     parser.add_argument("--out", default="tiny_dpo_out", help="folder for the plot and the metrics")
-    parser.add_argument("--quick", action="store_true", help="150 steps at lr 4e-3 on 512 pairs (for make demo)")
+    parser.add_argument("--quick", action="store_true", help="150 steps at lr 4e-3 on 512 pairs (the start of learning only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the matrices are tiny: 1 is fastest)")
     args = parser.parse_args(argv)

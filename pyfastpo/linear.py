@@ -203,7 +203,7 @@ def linear_preference_loss(
         raise ValueError("give ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
     common = dict(ignore_index=ignore_index, backend=backend, chunk_tokens=chunk_tokens,
                   memory_budget_bytes=memory_budget_bytes)  # fmt: skip
-    policy = linear_sequence_logps(hidden, weight, labels, bias=bias, **common)
+    policy = linear_sequence_logps(hidden, weight, labels, bias=bias, return_entropy=True, **common)
     reference = None
     if ref_hidden is not None:
         if tuple(ref_hidden.shape) != tuple(hidden.shape):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pyfastpo.bench import cli
 
@@ -114,3 +115,18 @@ def test_trl_fallback_matches_log_softmax_gather():
     torch.testing.assert_close(_selective_log_softmax_fallback(x, idx).double(), expected, atol=1e-5, rtol=0)
     got = _selective_log_softmax_fallback(x.bfloat16(), idx)
     assert got.dtype == torch.bfloat16 and (got.double() - expected).abs().max() < 0.1
+
+
+def test_correctness_check_fails_a_wrong_contender():
+    """A contender that drops one token (~10 nats) or perturbs the gradient fails; pyfastpo's
+    backends are held to float32 logps tolerance even with 16-bit inputs."""
+    from pyfastpo.bench import measure
+
+    ref_logps = torch.full((4,), -2000.0)
+    ref_grad = torch.rand(4, 8, 16)
+    dropped = ref_logps.clone()
+    dropped[1] += 10.0
+    for dtype in (torch.float32, torch.bfloat16):
+        assert measure.check("logits", dtype, ref_logps, ref_grad, ref_logps, ref_grad, float32_logps=True)["passed"]
+        assert not measure.check("logits", dtype, dropped, ref_grad, ref_logps, ref_grad, float32_logps=True)["passed"]
+        assert not measure.check("logits", dtype, ref_logps, ref_grad + 0.5, ref_logps, ref_grad)["passed"]

@@ -222,6 +222,21 @@ def test_unsupported_option_raises(option, tokenizer, sft_model, data, tmp_path)
 
 
 @pytest.mark.parametrize(
+    "attr, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.5), ("logits_scaling", 2.0)]
+)
+def test_fused_linear_refuses_models_with_transformed_logits(attr, value, tokenizer, sft_model, data, tmp_path):
+    """The linear path computes hidden @ lm_head.weight only: a model whose logits are
+    soft-capped or scaled would silently get a different loss."""
+    model = copy.deepcopy(sft_model)
+    setattr(model.config, attr, value)
+    with pytest.raises(ValueError, match=attr):
+        FastDPOTrainer(
+            model=model, ref_model=copy.deepcopy(sft_model), args=config(FastDPOConfig, tmp_path, use_fused_linear=True),
+            train_dataset=data, processing_class=tokenizer,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
     "overrides, match",
     [
         (dict(loss_type="nope"), "loss_type"),

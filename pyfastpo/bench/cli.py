@@ -92,12 +92,17 @@ def _row(path, size, contender, valid) -> dict:
             "error": "", "oracle": contender.oracle, "note": contender.note}  # fmt: skip
 
 
-def measure_contender(case: Case, contender, op, reference, args, device, dtype, copy_bw) -> dict:
+def measure_contender(case: Case, contender, op, reference, args, device, dtype, copy_bw) -> tuple[dict, tuple]:
+    """One contender at one size: its row, and its first call's ``(logps, grad)`` (the
+    oracle's result is what the later contenders are checked against)."""
+    if reference is None and not contender.oracle:
+        raise RuntimeError("the reference (oracle) failed at this size: there is nothing to check against")
     row = _row(case.path, case.size, contender, case.valid)
-    logps, grad = case.first_call(op)
-    ref_logps, ref_grad = reference if reference is not None else (logps, grad)
-    row.update(measure.check(case.path, dtype, logps, grad, ref_logps, ref_grad))
-    del logps, grad
+    result = case.first_call(op)
+    ref = result if contender.oracle else reference
+    row.update(measure.check(case.path, dtype, *result, *ref, float32_logps=contender.group == "pyfastpo"))
+    if not contender.oracle:
+        result = None
     prepare, forward, backward = case.callables(op)
     timing = measure.time_fwd_bwd(prepare, forward, backward, device, args.warmup, args.repeats)
     row.update(fwd_ms=timing.fwd_ms, bwd_ms=timing.bwd_ms, total_ms=timing.total_ms, min_total_ms=timing.min_total_ms)
@@ -113,7 +118,7 @@ def measure_contender(case: Case, contender, op, reference, args, device, dtype,
         fwd_f, bwd_f = measure.linear_flops(case.size, case.valid)
         row.update(flops_fwd=fwd_f, flops_bwd=bwd_f, throughput_unit="TFLOP/s",
                    throughput=(fwd_f + bwd_f) / (timing.total_ms / 1e3) / 1e12, copy_fraction=None)  # fmt: skip
-    return row
+    return row, result
 
 
 def _ratios(rows: list[dict]) -> None:
@@ -163,10 +168,9 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
             for c, op in list(runnable[path]):
                 bar.set_description(f"{path} {size.label(path)} {c.name}")
                 try:
-                    copy_bw = meta["copy_bandwidth_gbs"] * 1e9
-                    row = measure_contender(case, c, op, reference, args, device, dtype, copy_bw)
+                    row, result = measure_contender(case, c, op, reference, args, device, dtype, copy_bw)
                     if c.oracle:
-                        reference = case.first_call(op)
+                        reference = result
                 except Exception as err:  # noqa: BLE001 - one failing contender must not end the sweep
                     if device.type == "cuda":
                         torch.cuda.empty_cache()

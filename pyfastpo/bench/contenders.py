@@ -209,7 +209,10 @@ def _build_cce(device, dtype, options):
 
     def op(hidden, weight, labels):
         nll = mod.linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="none")
-        logps = -nll.float().sum(-1)  # per-token losses are 0 at ignored positions
+        # Per-token losses are 0 at ignored positions. A matrix-vector product, not .sum(-1):
+        # sum's backward hands CCE an expanded (stride-0) gradient, which its backward cannot .view().
+        nll = nll.float()
+        logps = -(nll @ nll.new_ones(nll.shape[-1]))
         return pyfastpo.preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
 
     return op, (f"cut-cross-entropy {_version('cut-cross-entropy')} linear_cross_entropy(reduction='none'), "

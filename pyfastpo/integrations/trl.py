@@ -16,7 +16,9 @@ budget-controlled regularization to TRL's loss types. With
 states and the ``lm_head`` weight.
 
 Written against trl 1.13 (``DPOTrainer._compute_loss``); with
-``loss_type="sigmoid"`` and defaults it reproduces ``DPOTrainer`` step for step.
+``loss_type="sigmoid"`` and defaults it reproduces ``DPOTrainer`` step for step
+(length-normalized types count predicted tokens, which differs from trl only
+for an empty prompt: see docs/trl.md).
 DPOConfig options the loss path does not implement raise ``ValueError`` at
 construction; none is ignored.
 """
@@ -258,7 +260,22 @@ class FastDPOTrainer(DPOTrainer):
                 "use_fused_linear=True does not produce the MoE router logits needed by the load-balancing loss; "
                 "set router_aux_loss_coef=0.0 or use_fused_linear=False"
             )
+        if self.accelerator.num_processes > 1:
+            raise ValueError(
+                "use_fused_linear=True runs the backbone outside the distributed wrapper (DDP/FSDP/ZeRO would "
+                "not synchronize or gather the lm_head): it supports single-process training only; "
+                "set use_fused_linear=False"
+            )
         model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for attr, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
+            value = getattr(text_config, attr, neutral)
+            if value is not None and value != neutral:
+                raise ValueError(
+                    f"use_fused_linear=True computes hidden @ lm_head.weight only, but this model's config sets "
+                    f"{attr}={value}, which its logits apply; set use_fused_linear=False"
+                )
         if is_peft_model(model):
             from peft import PromptLearningConfig
             from peft.tuners.tuners_utils import BaseTunerLayer
@@ -456,15 +473,13 @@ class FastDPOTrainer(DPOTrainer):
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
 
         # Metrics trl computes from the logits, here from pyfastpo's per-sequence stats (no extra pass) ...
-        gather = self.accelerator.gather_for_metrics
-        entropy_sum, total = gather(policy.entropy.sum()).sum(), gather(policy.num_tokens.sum()).sum()
-        self._metrics[mode]["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
-        self._log_tokens_and_logits(mode, inputs, policy.mean_logits, policy.num_tokens)
+        self._log_policy_stats(mode, inputs, policy)
         # ... except the token accuracy, which needs the argmax of the chosen half (one read of those logits).
         half = len(shift_mask) // 2
         with torch.no_grad():
             predictions = logits[:half, :-1].argmax(dim=-1)
         chosen_mask = shift_mask[:half].bool()
+        gather = self.accelerator.gather_for_metrics
         correct = gather(((predictions == input_ids[:half, 1:]) & chosen_mask).sum()).sum()
         count = gather(chosen_mask.sum()).sum()
         self._metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
@@ -505,19 +520,19 @@ class FastDPOTrainer(DPOTrainer):
             **self._pf_loss_kwargs,
         )
         chosen_logps, rejected_logps = out.policy.logps.chunk(2)
-        if out.policy.entropy is not None:
-            gather = self.accelerator.gather_for_metrics
-            entropy_sum, total = gather(out.policy.entropy.sum()).sum(), gather(out.policy.num_tokens.sum()).sum()
-            self._metrics[mode]["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
         # Like trl's Liger path: no mean_token_accuracy (it needs the argmax of logits that never exist).
-        self._log_tokens_and_logits(mode, inputs, out.policy.mean_logits, out.policy.num_tokens)
+        self._log_policy_stats(mode, inputs, out.policy)
         self._log_rewards(mode, out, chosen_logps, rejected_logps)
         return out.loss
 
-    def _log_tokens_and_logits(self, mode, inputs, mean_logits, num_tokens):
-        """num_tokens and logits/* exactly as trl logs them."""
+    def _log_policy_stats(self, mode, inputs, policy):
+        """entropy, num_tokens and logits/* exactly as trl logs them, from the policy's
+        per-sequence :class:`pyfastpo.SequenceLogps`."""
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
+        mean_logits, num_tokens = policy.mean_logits, policy.num_tokens
+        entropy_sum, total = gather(policy.entropy.sum()).sum(), gather(num_tokens.sum()).sum()
+        metrics["entropy"].append((entropy_sum / total).item() if total > 0 else 0.0)
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
