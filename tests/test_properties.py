@@ -1,8 +1,10 @@
-"""Property-based checks: random shapes, layouts and ignore patterns, compiled CPU backend
-against the float64 oracle; and loss identities that hold for any inputs."""
+"""Property-based checks: random shapes, layouts and ignore patterns, the compiled CPU backend
+and the Triton kernels (interpreter) against the float64 oracle, in place and not; and loss
+identities that hold for any inputs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ import pyfastpo
 from helpers import IGNORE, grad_tolerances, make_logits, oracle, run, tolerances
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
 @settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(1, 4),
@@ -21,14 +24,15 @@ from helpers import IGNORE, grad_tolerances, make_logits, oracle, run, tolerance
     ignore_p=st.floats(0.0, 1.0),
     scale=st.sampled_from([0.1, 3.0, 30.0]),
     seed=st.integers(0, 2**16),
+    inplace=st.booleans(),
 )
-def test_cpp_matches_oracle(n, t, v, layout, dtype, ignore_p, scale, seed):
+def test_backend_matches_oracle(backend, n, t, v, layout, dtype, ignore_p, scale, seed, inplace):
     logits = make_logits(n, t, v, dtype, layout, scale=scale, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     labels = torch.randint(0, v, (n, t), generator=g)
     labels[torch.rand(n, t, generator=g) < ignore_p] = IGNORE
     grad_scale = torch.randn(n, generator=g, dtype=torch.float64)
-    out, grad = run(logits, labels, "cpp", grad_scale=grad_scale)
+    out, grad = run(logits, labels, backend, grad_scale=grad_scale, inplace=inplace)
     ref = oracle(logits, labels, grad_scale)
     tol = tolerances(dtype, scale, t)
     torch.testing.assert_close(out.logps.double(), ref["logps"], **tol)
