@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfastpo
-from helpers import IGNORE, grad_tolerances, make_logits, oracle, run, tolerances
+from helpers import EXPECTED_BACKENDS, IGNORE, grad_tolerances, make_logits, oracle, run, tolerances
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", EXPECTED_BACKENDS["cpu"])
 @settings(max_examples=30, deadline=None)
 @given(
     n=st.integers(1, 4),
