@@ -13,13 +13,12 @@ PYBIND11_MODULE(_C, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("forward", &pfpo::cpu_forward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
-        py::arg("labels"), py::arg("ignore_index"), py::arg("out_logp"), py::arg("out_lse"),
-        py::arg("out_entropy"), py::arg("out_sum_x"), py::arg("num_threads") = 0,
-        "Per-token logp, lse, entropy, sum of logits into four float32 [N*T] buffers.");
+        py::arg("labels"), py::arg("ignore_index"), py::arg("out_stats"), py::arg("num_threads") = 0,
+        "Per-token logp, row max, log-sum-exp shift, entropy, sum of logits into a float32 [5, N*T] buffer.");
   m.def("backward", &pfpo::cpu_backward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
-        py::arg("labels"), py::arg("lse"), py::arg("grad_scale"), py::arg("ignore_index"),
-        py::arg("out"), py::arg("out_stride_n"), py::arg("out_stride_t"),
+        py::arg("labels"), py::arg("row_max"), py::arg("log_sum"), py::arg("grad_scale"),
+        py::arg("ignore_index"), py::arg("out"), py::arg("out_stride_n"), py::arg("out_stride_t"),
         py::arg("num_threads") = 0,
         "out = g[n] * (onehot(y) - softmax(x)) in the logits' dtype; out may alias logits.");
   m.def("isa", &pfpo::cpu_isa, "Instruction set of the row kernels in use.");

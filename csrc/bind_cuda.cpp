@@ -15,12 +15,13 @@ PYBIND11_MODULE(_cuda, m) {
         "Number of CUDA devices; raises RuntimeError when there is none.");
   m.def("forward", &pfpo::cuda_forward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
-        py::arg("labels"), py::arg("ignore_index"), py::arg("out_logp"), py::arg("out_lse"),
-        py::arg("out_entropy"), py::arg("out_sum_x"), py::arg("device"), py::arg("stream"),
-        "Per-token logp, lse, entropy, sum of logits into four float32 [N*T] device buffers.");
+        py::arg("labels"), py::arg("ignore_index"), py::arg("out_stats"), py::arg("device"),
+        py::arg("stream"),
+        "Per-token logp, row max, log-sum-exp shift, entropy, sum of logits into a float32 [5, N*T] device buffer.");
   m.def("backward", &pfpo::cuda_backward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
-        py::arg("labels"), py::arg("lse"), py::arg("grad_scale"), py::arg("ignore_index"),
+        py::arg("labels"), py::arg("row_max"), py::arg("log_sum"), py::arg("grad_scale"),
+        py::arg("ignore_index"),
         py::arg("out"), py::arg("out_stride_n"), py::arg("out_stride_t"), py::arg("device"),
         py::arg("stream"),
         "out = g[n] * (onehot(y) - softmax(x)) in the logits' dtype; out may alias logits.");

@@ -130,22 +130,28 @@ PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V) {
 }
 
 template <int DT>
-PFPO_INLINE void fwd_row(const void* row_v, int64_t V, int64_t y, float* logp, float* lse,
-                         float* entropy, float* sum_x) {
+PFPO_INLINE void fwd_row(const void* row_v, int64_t V, int64_t y, float* out, int64_t rows) {
   const auto* row = static_cast<const typename Elem<DT>::T*>(row_v);
   const State st = row_state<DT>(row, V);
   const Stats r = finalize(st);
-  *logp = Elem<DT>::load(row[y]) - r.lse;
-  *lse = r.lse;
-  *entropy = r.entropy;
-  *sum_x = st.sum_x;
+  // out points at this token's slot of five [rows] arrays: logp, m, log s, entropy, sum_x.
+  out[0] = token_logp(Elem<DT>::load(row[y]), st.m, r.log_s);
+  out[rows] = st.m;
+  out[2 * rows] = r.log_s;
+  out[3 * rows] = r.entropy;
+  out[4 * rows] = st.sum_x;
 }
 
 template <int DT>
-PFPO_INLINE void bwd_row(const void* row_v, int64_t V, int64_t y, float lse, float g, void* out_v) {
+PFPO_INLINE void bwd_row(const void* row_v, int64_t V, int64_t y, float m, float log_s, float g,
+                         void* out_v) {
   using T = typename Elem<DT>::T;
   const T* row = static_cast<const T*>(row_v);
   T* out = static_cast<T*>(out_v);
+  if (log_s != log_s) {  // undefined row (NaN / +inf / all -inf logits): NaN gradient, as every backend
+    for (int64_t i = 0; i < V; ++i) out[i] = Elem<DT>::store(NAN);
+    return;
+  }
   // Read the target logit before anything is written: out may alias row.
   const float xy = Elem<DT>::load(row[y]);
   alignas(64) float buf[BLOCK];
@@ -154,28 +160,28 @@ PFPO_INLINE void bwd_row(const void* row_v, int64_t V, int64_t y, float lse, flo
     // Through a local buffer so that the compute loop never sees row and out
     // (possibly the same memory) together: no alias checks, always vectorized.
     load_block<DT>(row + b, nb, buf);
-    for (int64_t i = 0; i < nb; ++i) buf[i] = grad_other(buf[i], lse, g);
+    for (int64_t i = 0; i < nb; ++i) buf[i] = grad_other(buf[i], m, log_s, g);
     store_block<DT>(buf, nb, out + b);
   }
-  out[y] = Elem<DT>::store(grad_target(xy, lse, g));
+  out[y] = Elem<DT>::store(grad_target(xy, m, log_s, g));
 }
 
-using FwdRowFn = void (*)(int, const void*, int64_t, int64_t, float*, float*, float*, float*);
-using BwdRowFn = void (*)(int, const void*, int64_t, int64_t, float, float, void*);
+using FwdRowFn = void (*)(int, const void*, int64_t, int64_t, float*, int64_t);
+using BwdRowFn = void (*)(int, const void*, int64_t, int64_t, float, float, float, void*);
 
 // One copy of the row kernels per instruction set.
 #define PFPO_DEFINE_ISA(SUFFIX, ATTR)                                                            \
-  ATTR void fwd_row_##SUFFIX(int dt, const void* row, int64_t V, int64_t y, float* a, float* b, \
-                             float* c, float* d) {                                              \
-    if (dt == kFloat32) fwd_row<kFloat32>(row, V, y, a, b, c, d);                               \
-    else if (dt == kBFloat16) fwd_row<kBFloat16>(row, V, y, a, b, c, d);                        \
-    else fwd_row<kFloat16>(row, V, y, a, b, c, d);                                              \
+  ATTR void fwd_row_##SUFFIX(int dt, const void* row, int64_t V, int64_t y, float* out,         \
+                             int64_t rows) {                                                    \
+    if (dt == kFloat32) fwd_row<kFloat32>(row, V, y, out, rows);                                \
+    else if (dt == kBFloat16) fwd_row<kBFloat16>(row, V, y, out, rows);                         \
+    else fwd_row<kFloat16>(row, V, y, out, rows);                                               \
   }                                                                                             \
-  ATTR void bwd_row_##SUFFIX(int dt, const void* row, int64_t V, int64_t y, float lse, float g, \
-                             void* out) {                                                       \
-    if (dt == kFloat32) bwd_row<kFloat32>(row, V, y, lse, g, out);                              \
-    else if (dt == kBFloat16) bwd_row<kBFloat16>(row, V, y, lse, g, out);                       \
-    else bwd_row<kFloat16>(row, V, y, lse, g, out);                                             \
+  ATTR void bwd_row_##SUFFIX(int dt, const void* row, int64_t V, int64_t y, float m,            \
+                             float log_s, float g, void* out) {                                 \
+    if (dt == kFloat32) bwd_row<kFloat32>(row, V, y, m, log_s, g, out);                         \
+    else if (dt == kBFloat16) bwd_row<kBFloat16>(row, V, y, m, log_s, g, out);                  \
+    else bwd_row<kFloat16>(row, V, y, m, log_s, g, out);                                        \
   }
 
 PFPO_DEFINE_ISA(default, )
@@ -236,39 +242,37 @@ int threads(int requested) { return requested > 0 ? requested : omp_get_max_thre
 }  // namespace
 
 void cpu_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
-                 int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_logp,
-                 uintptr_t out_lse, uintptr_t out_entropy, uintptr_t out_sum_x, int num_threads) {
+                 int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
+                 int num_threads) {
   const int64_t es = elem_size(dtype);
   const char* base = reinterpret_cast<const char*>(logits);
   const int64_t* lab = reinterpret_cast<const int64_t*>(labels);
-  float* logp = reinterpret_cast<float*>(out_logp);
-  float* lse = reinterpret_cast<float*>(out_lse);
-  float* ent = reinterpret_cast<float*>(out_entropy);
-  float* sx = reinterpret_cast<float*>(out_sum_x);
+  float* out = reinterpret_cast<float*>(out_stats);
   const FwdRowFn fwd = current_isa().fwd;
   const int64_t rows = N * T, chunk = rows_per_chunk(V);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads(num_threads))
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t y = lab[r];
     if (y == ignore_index || y < 0 || y >= V) {  // ignored: never read the row
-      logp[r] = lse[r] = ent[r] = sx[r] = 0.0f;
+      for (int k = 0; k < kNumStats; ++k) out[k * rows + r] = 0.0f;
       continue;
     }
     const int64_t n = r / T, t = r % T;
     const char* row = base + (n * stride_n + t * stride_t) * es;
-    fwd(dtype, row, V, y, logp + r, lse + r, ent + r, sx + r);
+    fwd(dtype, row, V, y, out + r, rows);
   }
 }
 
 void cpu_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
-                  int64_t stride_t, uintptr_t labels, uintptr_t lse, uintptr_t grad_scale,
-                  int64_t ignore_index, uintptr_t out, int64_t out_stride_n, int64_t out_stride_t,
-                  int num_threads) {
+                  int64_t stride_t, uintptr_t labels, uintptr_t row_max, uintptr_t log_sum,
+                  uintptr_t grad_scale, int64_t ignore_index, uintptr_t out, int64_t out_stride_n,
+                  int64_t out_stride_t, int num_threads) {
   const int64_t es = elem_size(dtype);
   const char* base = reinterpret_cast<const char*>(logits);
   char* obase = reinterpret_cast<char*>(out);
   const int64_t* lab = reinterpret_cast<const int64_t*>(labels);
-  const float* lse_p = reinterpret_cast<const float*>(lse);
+  const float* m = reinterpret_cast<const float*>(row_max);
+  const float* ls = reinterpret_cast<const float*>(log_sum);
   const float* g = reinterpret_cast<const float*>(grad_scale);
   const BwdRowFn bwd = current_isa().bwd;
   const int64_t rows = N * T, chunk = rows_per_chunk(V);
@@ -282,7 +286,7 @@ void cpu_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, 
       continue;
     }
     const char* row = base + (n * stride_n + t * stride_t) * es;
-    bwd(dtype, row, V, y, lse_p[r], g[n], orow);
+    bwd(dtype, row, V, y, m[r], ls[r], g[n], orow);
   }
 }
 

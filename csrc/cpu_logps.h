@@ -10,19 +10,25 @@ namespace pfpo {
 // Logits dtype codes shared with pyfastpo/backends/cpp_backend.py and the CUDA driver.
 enum DtypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Per-token logp, lse, entropy, sum of logits (each [N*T] float32, contiguous).
-// Ignored tokens (label == ignore_index or outside [0, V)) are not read; their
-// outputs are written as 0.
-void cpu_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
-                 int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_logp,
-                 uintptr_t out_lse, uintptr_t out_entropy, uintptr_t out_sum_x, int num_threads);
+// Number of per-token statistics the forward writes, in this order.
+constexpr int kNumStats = 5;
 
-// out[n,t,:] = g[n] * (onehot(y) - exp(x - lse[n,t])) in the logits' dtype; zeros
-// for ignored tokens. out may be logits itself (every row is read before it is written).
+// Per-token statistics into out_stats, a contiguous float32 [5, N*T] buffer:
+// logp, m (row max), log s (s = sum exp(x - m)), entropy, sum of logits.
+// Ignored tokens (label == ignore_index or outside [0, V)) are not read; their
+// five values are written as 0. An undefined row (NaN, +inf or only -inf
+// logits) gets log s = entropy = logp = NaN.
+void cpu_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
+                 int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
+                 int num_threads);
+
+// out[n,t,:] = g[n] * (onehot(y) - exp((x - m[n,t]) - log_s[n,t])) in the logits' dtype;
+// zeros for ignored tokens, NaN for a row whose log s is NaN. out may be logits
+// itself (every row is read before it is written).
 void cpu_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
-                  int64_t stride_t, uintptr_t labels, uintptr_t lse, uintptr_t grad_scale,
-                  int64_t ignore_index, uintptr_t out, int64_t out_stride_n, int64_t out_stride_t,
-                  int num_threads);
+                  int64_t stride_t, uintptr_t labels, uintptr_t row_max, uintptr_t log_sum,
+                  uintptr_t grad_scale, int64_t ignore_index, uintptr_t out, int64_t out_stride_n,
+                  int64_t out_stride_t, int num_threads);
 
 // Which instruction-set variant of the row kernels runs: "avx512", "avx2" or
 // "default" (SSE2). set_isa forces one ("" = best this CPU supports); it throws

@@ -32,6 +32,7 @@ namespace pfpo {
 namespace {
 
 enum DtypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+constexpr int kNumStats = 5;  // per-token statistics of the forward (cpu_logps.h's order)
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
@@ -97,14 +98,14 @@ template <typename T, bool VEC>
 __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int64_t V,
                                int64_t stride_n, int64_t stride_t,
                                const int64_t* __restrict__ labels, int64_t ignore_index,
-                               float* __restrict__ out_logp, float* __restrict__ out_lse,
-                               float* __restrict__ out_entropy, float* __restrict__ out_sum_x,
-                               int64_t rows) {
+                               float* __restrict__ out, int64_t rows) {
+  // out: [kNumStats, rows] float32: logp, m, log s, entropy, sum_x.
   __shared__ State shared[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t y = labels[r];
     if (is_ignored(y, ignore_index, V)) {  // block-uniform: the row is never read
-      if (threadIdx.x == 0) out_logp[r] = out_lse[r] = out_entropy[r] = out_sum_x[r] = 0.0f;
+      if (threadIdx.x == 0)
+        for (int k = 0; k < kNumStats; ++k) out[k * rows + r] = 0.0f;
       continue;
     }
     const T* row = logits + (r / T_len) * stride_n + (r % T_len) * stride_t;
@@ -128,10 +129,11 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
     st = block_reduce(st, shared);
     if (threadIdx.x == 0) {
       const Stats f = finalize(st);
-      out_logp[r] = to_f(row[y]) - f.lse;
-      out_lse[r] = f.lse;
-      out_entropy[r] = f.entropy;
-      out_sum_x[r] = st.sum_x;
+      out[r] = token_logp(to_f(row[y]), st.m, f.log_s);
+      out[rows + r] = st.m;
+      out[2 * rows + r] = f.log_s;
+      out[3 * rows + r] = f.entropy;
+      out[4 * rows + r] = st.sum_x;
     }
   }
 }
@@ -139,7 +141,8 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
 template <typename T, bool VEC>
 __global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64_t stride_n,
                                 int64_t stride_t, const int64_t* __restrict__ labels,
-                                const float* __restrict__ lse, const float* __restrict__ grad_scale,
+                                const float* __restrict__ row_max, const float* __restrict__ log_sum,
+                                const float* __restrict__ grad_scale,
                                 int64_t ignore_index, T* out, int64_t out_stride_n,
                                 int64_t out_stride_t, int64_t rows) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -148,12 +151,15 @@ __global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64
     const bool ignored = is_ignored(y, ignore_index, V);
     const T* row = logits + n * stride_n + t * stride_t;
     T* orow = out + n * out_stride_n + t * out_stride_t;
-    const float l = ignored ? 0.0f : lse[r];
+    const float m = ignored ? 0.0f : row_max[r];
+    const float ls = ignored ? 0.0f : log_sum[r];
     const float g = ignored ? 0.0f : grad_scale[n];
     // Gradient of column v from its logit x (read by this thread just before).
+    // An undefined row (log s NaN) gets NaN everywhere, as in every backend.
     auto grad = [&](int64_t v, float x) -> float {
       if (ignored) return 0.0f;
-      return v == y ? grad_target(x, l, g) : grad_other(x, l, g);
+      if (ls != ls) return ls;
+      return v == y ? grad_target(x, m, ls, g) : grad_other(x, m, ls, g);
     };
     int64_t done = 0;
     if (VEC) {
@@ -198,21 +204,20 @@ void prepare(int device) {
 
 template <typename T>
 void launch_forward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int64_t sn,
-                    int64_t st, uintptr_t labels, int64_t ignore_index, uintptr_t a, uintptr_t b,
-                    uintptr_t c, uintptr_t d, cudaStream_t stream) {
+                    int64_t st, uintptr_t labels, int64_t ignore_index, uintptr_t out,
+                    cudaStream_t stream) {
   const int64_t rows = N * T_len;
   const bool vec = aligned16(logits, sizeof(T), sn, st);
   auto kernel = vec ? forward_kernel<T, true> : forward_kernel<T, false>;
   kernel<<<blocks_for(rows), threads_for(V), 0, stream>>>(
       reinterpret_cast<const T*>(logits), T_len, V, sn, st,
-      reinterpret_cast<const int64_t*>(labels), ignore_index, reinterpret_cast<float*>(a),
-      reinterpret_cast<float*>(b), reinterpret_cast<float*>(c), reinterpret_cast<float*>(d), rows);
+      reinterpret_cast<const int64_t*>(labels), ignore_index, reinterpret_cast<float*>(out), rows);
   PFPO_CHECK(cudaGetLastError());
 }
 
 template <typename T>
 void launch_backward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int64_t sn,
-                     int64_t st, uintptr_t labels, uintptr_t lse, uintptr_t g,
+                     int64_t st, uintptr_t labels, uintptr_t m, uintptr_t ls, uintptr_t g,
                      int64_t ignore_index, uintptr_t out, int64_t osn, int64_t ost,
                      cudaStream_t stream) {
   const int64_t rows = N * T_len;
@@ -220,8 +225,8 @@ void launch_backward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int6
   auto kernel = vec ? backward_kernel<T, true> : backward_kernel<T, false>;
   kernel<<<blocks_for(rows), threads_for(V), 0, stream>>>(
       reinterpret_cast<const T*>(logits), T_len, V, sn, st,
-      reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(lse),
-      reinterpret_cast<const float*>(g), ignore_index, reinterpret_cast<T*>(out), osn, ost, rows);
+      reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(m),
+      reinterpret_cast<const float*>(ls), reinterpret_cast<const float*>(g), ignore_index, reinterpret_cast<T*>(out), osn, ost, rows);
   PFPO_CHECK(cudaGetLastError());
 }
 
@@ -241,44 +246,42 @@ int cuda_device_count() {
 }
 
 void cuda_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
-                  int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_logp,
-                  uintptr_t out_lse, uintptr_t out_entropy, uintptr_t out_sum_x, int device,
-                  uintptr_t stream) {
+                  int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
+                  int device, uintptr_t stream) {
   prepare(device);
   if (N * T == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:
       return launch_forward<float>(logits, N, T, V, stride_n, stride_t, labels, ignore_index,
-                                   out_logp, out_lse, out_entropy, out_sum_x, s);
+                                   out_stats, s);
     case kBFloat16:
       return launch_forward<__nv_bfloat16>(logits, N, T, V, stride_n, stride_t, labels,
-                                           ignore_index, out_logp, out_lse, out_entropy,
-                                           out_sum_x, s);
+                                           ignore_index, out_stats, s);
     case kFloat16:
       return launch_forward<__half>(logits, N, T, V, stride_n, stride_t, labels, ignore_index,
-                                    out_logp, out_lse, out_entropy, out_sum_x, s);
+                                    out_stats, s);
   }
   throw std::invalid_argument("pyfastpo._cuda: unknown dtype code " + std::to_string(dtype));
 }
 
 void cuda_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
-                   int64_t stride_t, uintptr_t labels, uintptr_t lse, uintptr_t grad_scale,
-                   int64_t ignore_index, uintptr_t out, int64_t out_stride_n, int64_t out_stride_t,
-                   int device, uintptr_t stream) {
+                   int64_t stride_t, uintptr_t labels, uintptr_t row_max, uintptr_t log_sum,
+                   uintptr_t grad_scale, int64_t ignore_index, uintptr_t out, int64_t out_stride_n,
+                   int64_t out_stride_t, int device, uintptr_t stream) {
   prepare(device);
   if (N * T == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:
-      return launch_backward<float>(logits, N, T, V, stride_n, stride_t, labels, lse, grad_scale,
-                                    ignore_index, out, out_stride_n, out_stride_t, s);
+      return launch_backward<float>(logits, N, T, V, stride_n, stride_t, labels, row_max, log_sum,
+                                    grad_scale, ignore_index, out, out_stride_n, out_stride_t, s);
     case kBFloat16:
-      return launch_backward<__nv_bfloat16>(logits, N, T, V, stride_n, stride_t, labels, lse,
-                                            grad_scale, ignore_index, out, out_stride_n,
+      return launch_backward<__nv_bfloat16>(logits, N, T, V, stride_n, stride_t, labels, row_max,
+                                            log_sum, grad_scale, ignore_index, out, out_stride_n,
                                             out_stride_t, s);
     case kFloat16:
-      return launch_backward<__half>(logits, N, T, V, stride_n, stride_t, labels, lse,
+      return launch_backward<__half>(logits, N, T, V, stride_n, stride_t, labels, row_max, log_sum,
                                      grad_scale, ignore_index, out, out_stride_n, out_stride_t, s);
   }
   throw std::invalid_argument("pyfastpo._cuda: unknown dtype code " + std::to_string(dtype));

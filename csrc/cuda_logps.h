@@ -15,13 +15,12 @@ int cuda_device_count();
 // Same contract as cpu_forward / cpu_backward (cpu_logps.h), on `device`,
 // enqueued on `stream` (a cudaStream_t as an integer; 0 = legacy default stream).
 void cuda_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
-                  int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_logp,
-                  uintptr_t out_lse, uintptr_t out_entropy, uintptr_t out_sum_x, int device,
-                  uintptr_t stream);
+                  int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
+                  int device, uintptr_t stream);
 
 void cuda_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
-                   int64_t stride_t, uintptr_t labels, uintptr_t lse, uintptr_t grad_scale,
-                   int64_t ignore_index, uintptr_t out, int64_t out_stride_n, int64_t out_stride_t,
-                   int device, uintptr_t stream);
+                   int64_t stride_t, uintptr_t labels, uintptr_t row_max, uintptr_t log_sum,
+                   uintptr_t grad_scale, int64_t ignore_index, uintptr_t out, int64_t out_stride_n,
+                   int64_t out_stride_t, int device, uintptr_t stream);
 
 }  // namespace pfpo

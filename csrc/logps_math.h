@@ -2,9 +2,14 @@
 // (cpu_logps.cpp) and the CUDA kernels (cuda_logps.cu).
 //
 // For one token row x[0..V) with target y:
-//   m = max x,  s = sum exp(x - m),  lse = m + log s,  logp = x_y - lse,
+//   m = max x,  s = sum exp(x - m),  logp = (x_y - m) - log s,
 //   entropy = lse - sum p x = log s - t / s   with  t = sum exp(x - m) * (x - m),
-//   sum_x = sum x,   d logp / d x_v = [v == y] - exp(x_v - lse).
+//   sum_x = sum x,   d logp / d x_v = [v == y] - exp((x_v - m) - log s).
+//
+// m and log s are kept APART (never lse = m + log s): at logits of size 1e6 the
+// sum m + log s rounds away log s's digits (0.06 nats per token in float32), and
+// at 1e30 it loses log s entirely. x - m is exact to the rounding of the inputs,
+// so logp and the softmax keep the precision of torch's log_softmax at any offset.
 //
 // t is accumulated RELATIVE to the running max (x - m, not x): the textbook
 // form lse - (sum exp(x-m) x)/s subtracts two numbers of size |x| and loses
@@ -15,8 +20,9 @@
 // [PFPO_D_MIN, +inf) before exp, so -inf logits (masked vocabulary entries)
 // and the empty state (m = -inf) contribute exactly 0 instead of 0 * inf = nan;
 // a NaN logit can be dropped by the max and the clamps, but sum_x always
-// carries it, and finalize() turns a NaN sum_x into NaN lse and entropy (hence
-// NaN logp and gradient): a NaN logit is never silently skipped.
+// carries it. finalize() marks a row UNDEFINED (log s = entropy = NaN, hence NaN
+// logp and NaN gradient in every backend) when it holds a NaN, a +inf, or only
+// -inf logits: softmax is not defined there, and a finite number would hide it.
 #pragma once
 
 #include <stdint.h>
@@ -155,24 +161,34 @@ PFPO_HD State merge(State a, State b) {
 }
 
 struct Stats {
-  float lse, entropy;
+  float log_s, entropy;
 };
 
-// lse = m + log s; entropy = log s - t / s (nats). A NaN logit may have been
-// dropped by the max or the shift clamp, but it always reaches sum_x: then
-// lse and entropy are NaN too (once per row, off the hot loop).
+// log s and entropy = log s - t / s (nats), once per row, off the hot loop.
+// An undefined row (a NaN logit, which may have been dropped by the max or the
+// shift clamp but always reaches sum_x; a +inf logit, m = +inf; or every logit
+// -inf, m = -inf) gets log s = entropy = NaN, so logp = (x_y - m) - log s is NaN.
 PFPO_HD Stats finalize(State st) {
   float log_s = logf(st.s);
-  Stats r{st.m + log_s, log_s - st.t / st.s};
-  if (st.sum_x != st.sum_x) r.lse = r.entropy = st.sum_x;
+  Stats r{log_s, log_s - st.t / st.s};
+  const bool defined = (st.sum_x == st.sum_x) && (st.m > -INFINITY) && (st.m < INFINITY);
+  if (!defined) r.log_s = r.entropy = NAN;
   return r;
 }
 
-// d logp / d x_v scaled by g, for a non-target column: -g * exp(x - lse).
-PFPO_HD float grad_other(float x, float lse, float g) { return -g * pfpo_exp(x - lse); }
+// The token's log-probability from its target logit and the row's (m, log s).
+PFPO_HD float token_logp(float x_y, float m, float log_s) { return (x_y - m) - log_s; }
+
+// Softmax probability of logit x: exp((x - m) - log s), never exp(x - (m + log s)).
+PFPO_HD float softmax_p(float x, float m, float log_s) { return pfpo_exp((x - m) - log_s); }
+
+// d logp / d x_v scaled by g, for a non-target column: -g * p_v.
+PFPO_HD float grad_other(float x, float m, float log_s, float g) { return -g * softmax_p(x, m, log_s); }
 
 // The target column as g * (1 - p) in float32 (never via a 16-bit p).
-PFPO_HD float grad_target(float x, float lse, float g) { return g * (1.0f - pfpo_exp(x - lse)); }
+PFPO_HD float grad_target(float x, float m, float log_s, float g) {
+  return g * (1.0f - softmax_p(x, m, log_s));
+}
 
 // ---------------------------------------------------------------- 16-bit <-> float (host)
 // Device code uses cuda_bf16.h / cuda_fp16.h instead; these are plain bit

@@ -1,5 +1,9 @@
 """Triton backward kernel: ``dx = g[n] * (onehot(y) - softmax(x))`` row by row.
 
+The softmax is ``exp((x - m) - log s)`` from the forward's row max ``m`` and
+``log s`` kept apart (precise at any logit offset); a row whose ``log s`` is NaN
+(undefined: NaN, +inf or only -inf logits) gets a NaN gradient.
+
 One program per token row; one read of the logits and one write of the gradient,
 block by block. ``out`` may be the logits themselves (in-place backward): each
 program reads a block of its own row before it writes that same block, and no
@@ -21,7 +25,8 @@ from .config import launch_config
 def _logps_backward_kernel(
     logits_ptr,  # [N, T, V], last stride 1
     labels_ptr,  # [N * T] int64, contiguous
-    lse_ptr,  # [N * T] float32, contiguous
+    max_ptr,  # [N * T] float32, contiguous
+    log_sum_ptr,  # [N * T] float32, contiguous
     grad_scale_ptr,  # [N] float32
     out_ptr,  # [N, T, V], last stride 1, may alias logits_ptr
     T,
@@ -49,13 +54,14 @@ def _logps_backward_kernel(
         return
 
     x_row = logits_ptr + n * stride_n + t * stride_t
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(max_ptr + row)
+    log_s = tl.load(log_sum_ptr + row)
     g = tl.load(grad_scale_ptr + n).to(tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - lse)
+        p = tl.exp((x - m) - log_s)
         # At the target, g * (1 - p) in float32: forming -g * p first and adding g
         # after a cast to bf16/fp16 would cancel catastrophically when p ~ 1.
         grad = tl.where(offs == label, g * (1.0 - p), -g * p)
@@ -65,7 +71,8 @@ def _logps_backward_kernel(
 def logps_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     grad_scale: torch.Tensor,
     ignore_index: int,
     out: torch.Tensor,
@@ -76,7 +83,7 @@ def logps_backward(
     Args:
         logits: ``[N, T, V]`` float32 / bfloat16 / float16, ``stride(-1) == 1``.
         labels: ``[N, T]`` int64, contiguous.
-        lse: ``[N, T]`` or ``[N * T]`` float32 from :func:`logps_forward`.
+        row_max, log_sum: ``[N, T]`` or ``[N * T]`` float32 from :func:`logps_forward`.
         grad_scale: ``[N]`` float32, ``g[n] = dLoss / dlogps[n]``.
         ignore_index: label value of tokens that do not count (their gradient is 0).
         out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits``.
@@ -86,14 +93,16 @@ def logps_backward(
     rows = n * t
     if rows == 0 or v == 0:
         return
-    lse = lse.reshape(rows).to(torch.float32).contiguous()
+    row_max = row_max.reshape(rows).to(torch.float32).contiguous()
+    log_sum = log_sum.reshape(rows).to(torch.float32).contiguous()
     grad_scale = grad_scale.to(torch.float32).contiguous()
     block, warps = launch_config(v, logits.dtype, block_v)
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _logps_backward_kernel[(rows,)](
             logits,
             labels,
-            lse,
+            row_max,
+            log_sum,
             grad_scale,
             out,
             t,

@@ -8,7 +8,11 @@ blocks of ``BLOCK_V``, keeping an online (flash-softmax style) state in float32:
     u = sum exp(x - m) * (x - m),
     z = sum x            (s, u, z kept per lane of the block, summed at the end).
 
-From it ``lse = m + log s`` and ``entropy = lse - E_p[x] = log s - u / s``.
+From it ``logp = (x_y - m) - log s`` and ``entropy = lse - E_p[x] = log s - u / s``;
+``m`` and ``log s`` are stored apart, never as ``lse = m + log s``, which would
+round at the size of the logits (see :mod:`pyfastpo.backends.base`). A row with a
+NaN or +inf logit, or only -inf logits, is undefined: ``log s``, ``entropy`` and
+``logp`` are NaN.
 ``u`` is kept relative to ``m`` (instead of ``sum exp(x - m) * x``) so that the
 entropy is not the difference of two numbers of size ``|x|``: at logits of scale
 1e4 that would cost ~1e-3 absolute in float32, while ``log s - u / s`` is exact to
@@ -31,7 +35,8 @@ def _logps_forward_kernel(
     logits_ptr,  # [N, T, V], any float dtype, last stride 1
     labels_ptr,  # [N * T] int64, contiguous
     logp_ptr,  # [N * T] float32 outputs, contiguous
-    lse_ptr,
+    max_ptr,
+    log_sum_ptr,
     entropy_ptr,
     sum_logits_ptr,
     T,
@@ -46,7 +51,8 @@ def _logps_forward_kernel(
     if label == ignore_index:
         # Ignored token: zeros, and its logits are never read.
         tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(max_ptr + row, 0.0)
+        tl.store(log_sum_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
         tl.store(sum_logits_ptr + row, 0.0)
         return
@@ -90,13 +96,17 @@ def _logps_forward_kernel(
 
     s_row = tl.sum(s, axis=0)
     u_row = tl.sum(u, axis=0)
-    log_s = tl.log(s_row)
-    lse = m + log_s
+    z_row = tl.sum(z, axis=0)
+    # Undefined row: a NaN logit (the max may drop it, the sum z never does), a
+    # +inf logit (m = +inf) or only -inf logits (m = -inf): NaN, as in every backend.
+    defined = (z_row == z_row) & (m > float("-inf")) & (m < float("inf"))
+    log_s = tl.where(defined, tl.log(s_row), float("nan"))
     x_y = tl.load(x_row + label).to(tl.float32)
-    tl.store(logp_ptr + row, x_y - lse)
-    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, (x_y - m) - log_s)
+    tl.store(max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_s)
     tl.store(entropy_ptr + row, log_s - u_row / s_row)
-    tl.store(sum_logits_ptr + row, tl.sum(z, axis=0))
+    tl.store(sum_logits_ptr + row, z_row)
 
 
 def logps_forward(
@@ -112,22 +122,23 @@ def logps_forward(
             block boundaries at small V). Default: :func:`launch_config`.
 
     Returns:
-        ``(logp, lse, entropy, sum_logits)``, each ``[N * T]`` float32 contiguous;
-        at ignored tokens all four are 0.
+        ``(logp, row_max, log_sum, entropy, sum_logits)``, each ``[N * T]`` float32
+        contiguous; at ignored tokens all five are 0.
     """
     n, t, v = logits.shape
     rows = n * t
-    out = torch.zeros(4, rows, dtype=torch.float32, device=logits.device)
+    out = torch.zeros(5, rows, dtype=torch.float32, device=logits.device)
     if rows == 0 or v == 0:
         return tuple(out.unbind(0))
-    logp, lse, entropy, sum_logits = out.unbind(0)
+    logp, row_max, log_sum, entropy, sum_logits = out.unbind(0)
     block, warps = launch_config(v, logits.dtype, block_v)
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _logps_forward_kernel[(rows,)](
             logits,
             labels,
             logp,
-            lse,
+            row_max,
+            log_sum,
             entropy,
             sum_logits,
             t,
@@ -138,5 +149,5 @@ def logps_forward(
             BLOCK_V=block,
             num_warps=warps,
         )
-    return logp, lse, entropy, sum_logits
+    return logp, row_max, log_sum, entropy, sum_logits
 

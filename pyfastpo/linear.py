@@ -16,7 +16,7 @@ import torch
 
 from .backends import TokenStats, get_backend
 from .fused import FusedPreferenceLossOutput, _preference_from_stats
-from .sequence_logps import SequenceLogps, reduce_tokens
+from .sequence_logps import SequenceLogps, first_order_only, reduce_tokens
 from .validation import FLOAT_DTYPES, check_labels, check_pairs, check_same_device
 
 DEFAULT_MEMORY_BUDGET = 256 << 20
@@ -50,8 +50,8 @@ class _LinearLogpsFunction(torch.autograd.Function):
         vocab = weight.shape[0]
         n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
         cdtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
-        # Per-token stats of valid tokens, in gather order: logp, lse, entropy, sum_logits.
-        stats = torch.zeros(4, n_idx.numel(), dtype=cdtype, device=hidden.device)
+        # Per-token stats of valid tokens, in gather order (TokenStats' fields).
+        stats = torch.zeros(len(TokenStats._fields), n_idx.numel(), dtype=cdtype, device=hidden.device)
         for start in range(0, n_idx.numel(), chunk):
             rows = slice(start, start + chunk)
             logits = _project(hidden[n_idx[rows], t_idx[rows]], weight, bias)
@@ -59,22 +59,27 @@ class _LinearLogpsFunction(torch.autograd.Function):
             for i, s in enumerate(out):
                 stats[i, rows] = s.squeeze(1)
             del logits, out
-        per_seq = torch.zeros(4, n, t, dtype=cdtype, device=hidden.device)
+        per_seq = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=hidden.device)
         per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
         num_tokens = (labels != ignore_index).sum(dim=1)
         logps, entropy, mean_logits = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab)
-        ctx.save_for_backward(hidden, weight, bias, labels, n_idx, t_idx, stats[1].clone())
+        ctx.save_for_backward(hidden, weight, bias, labels, n_idx, t_idx, stats[1].clone(), stats[2].clone())
         ctx.backend, ctx.chunk, ctx.ignore_index = backend, chunk, ignore_index
         ctx.mark_non_differentiable(num_tokens, entropy, mean_logits)
         return logps, num_tokens, entropy, mean_logits
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a double backward raises instead of being wrong
     def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
-        hidden, weight, bias, labels, n_idx, t_idx, lse = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _LinearLogpsFunction._backward(ctx, grad_logps)
+        return first_order_only(grads, "linear_sequence_logps")
+
+    @staticmethod
+    def _backward(ctx, grad_logps):
+        hidden, weight, bias, labels, n_idx, t_idx, row_max, log_sum = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_h else None
-        acc = lse.dtype  # float32 accumulation (float64 for float64 inputs)
+        acc = log_sum.dtype  # float32 accumulation (float64 for float64 inputs)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         g_tok = grad_logps.to(acc)[n_idx]
@@ -83,7 +88,8 @@ class _LinearLogpsFunction(torch.autograd.Function):
             h = hidden[n_idx[rows], t_idx[rows]]
             logits = _project(h, weight, bias)
             y = labels[n_idx[rows], t_idx[rows]][:, None]
-            ctx.backend.backward(logits, y, lse[rows][:, None], g_tok[rows].contiguous(), ctx.ignore_index, logits)
+            stat = (row_max[rows][:, None], log_sum[rows][:, None])
+            ctx.backend.backward(logits, y, *stat, g_tok[rows].contiguous(), ctx.ignore_index, logits)
             grad_logits = logits.squeeze(1)  # [C, V], now dLoss/dlogits, in the logits' dtype
             if need_h:
                 grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ weight).to(hidden.dtype)

@@ -40,13 +40,31 @@ def reduce_tokens(stats: TokenStats, num_tokens: torch.Tensor, vocab: int):
     return stats.logp.sum(dim=1), stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom
 
 
+def first_order_only(grads: tuple, what: str) -> tuple:
+    """Return the gradients a custom backward computed so that a second-order request
+    fails loudly. Under ``create_graph=True`` (grad mode on inside backward) each
+    gradient is routed through a node that raises when differentiated; otherwise
+    it is returned detached: never a tensor still attached to the forward graph
+    (an in-place backward's gradient IS the logits' storage), which autograd would
+    silently differentiate through as if it were the gradient's formula."""
+    grads = tuple(g.detach() if isinstance(g, torch.Tensor) else g for g in grads)
+    if not torch.is_grad_enabled():
+        return grads
+    error = torch._C._functions.DelayedError(
+        f"pyfastpo: {what} is differentiable once only; a second-order gradient "
+        "(create_graph=True followed by a backward through the gradient) is not supported".encode(),
+        len(grads),
+    )
+    return error(*(g.requires_grad_() if isinstance(g, torch.Tensor) else g for g in grads))
+
+
 class _SequenceLogpsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, backend, inplace_backward):
         stats = backend.forward(logits, labels, ignore_index)
         num_tokens = (labels != ignore_index).sum(dim=1)
         logps, entropy, mean_logits = reduce_tokens(stats, num_tokens, logits.shape[-1])
-        ctx.save_for_backward(logits, labels, stats.lse)
+        ctx.save_for_backward(logits, labels, stats.row_max, stats.log_sum)
         ctx.backend = backend
         ctx.ignore_index = ignore_index
         ctx.inplace = inplace_backward
@@ -54,16 +72,16 @@ class _SequenceLogpsFunction(torch.autograd.Function):
         return logps, num_tokens, entropy, mean_logits
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # a double backward raises instead of being wrong
     def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
-        logits, labels, lse = ctx.saved_tensors
-        grad_scale = grad_logps.to(lse.dtype).contiguous()
-        out = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        ctx.backend.backward(logits, labels, lse, grad_scale, ctx.ignore_index, out)
+        logits, labels, row_max, log_sum = ctx.saved_tensors
+        with torch.no_grad():
+            grad_scale = grad_logps.to(log_sum.dtype).contiguous()
+            out = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            ctx.backend.backward(logits, labels, row_max, log_sum, grad_scale, ctx.ignore_index, out)
         if ctx.inplace:
             # The logits now hold their gradient: make any other saved use of them fail loudly.
             torch.autograd.graph.increment_version(logits)
-        return out, None, None, None, None
+        return first_order_only((out, None, None, None, None), "sequence_logps")
 
 
 def _has_internal_overlap(x: torch.Tensor) -> bool:

@@ -49,12 +49,13 @@ def _check_against_reference(x, y, ignore_index=-100, grad_dtype_tol=None):
     valid = y != ignore_index
     for name in ("logp", "entropy", "sum_logits"):
         torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=2e-4, msg=name)
-    torch.testing.assert_close(got.lse[valid], ref.lse[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.row_max[valid], ref.row_max[valid], rtol=0, atol=0)
+    torch.testing.assert_close(got.log_sum[valid], ref.log_sum[valid], rtol=1e-5, atol=1e-5)
     g = torch.randn(x.shape[0])
     want = torch.empty_like(x)
-    reference.backward(x, y, ref.lse, g, ignore_index, want)
+    reference.backward(x, y, ref.row_max, ref.log_sum, g, ignore_index, want)
     out = torch.full_like(x, float("nan"))  # every element must be written
-    cpp_backend.backward(x, y, got.lse, g, ignore_index, out)
+    cpp_backend.backward(x, y, got.row_max, got.log_sum, g, ignore_index, out)
     tol = {"rtol": 1e-5, "atol": 1e-6} if grad_dtype_tol is None else grad_dtype_tol
     torch.testing.assert_close(out, want, **tol)
     return got, out
@@ -148,9 +149,9 @@ def test_inplace_backward_equals_out_of_place(isa, dtype):
     stats = cpp_backend.forward(x, y, -100)
     g = torch.randn(2)
     out = torch.empty_like(x)
-    cpp_backend.backward(x, y, stats.lse, g, -100, out)
+    cpp_backend.backward(x, y, stats.row_max, stats.log_sum, g, -100, out)
     inplace = x.clone()
-    cpp_backend.backward(inplace, y, stats.lse, g, -100, inplace)
+    cpp_backend.backward(inplace, y, stats.row_max, stats.log_sum, g, -100, inplace)
     assert torch.equal(inplace.view(torch.uint8), out.view(torch.uint8))
 
 
@@ -161,7 +162,7 @@ def test_huge_and_infinite_logits(isa):
     y = torch.randint(0, 1000, (2, 5))
     y[0, 0] = 1  # a finite column
     got = cpp_backend.forward(x, y, -100)
-    for t in (got.logp, got.lse, got.entropy):
+    for t in (got.logp, got.row_max, got.log_sum, got.entropy):
         assert torch.isfinite(t).all()
     assert got.sum_logits[0, 0] == float("-inf") and torch.isfinite(got.sum_logits[1]).all()
     ref = reference.forward(x.double(), y, -100)
@@ -169,10 +170,10 @@ def test_huge_and_infinite_logits(isa):
     # The shifted entropy keeps its digits where lse - E[x] in float32 would not.
     torch.testing.assert_close(got.entropy.double(), ref.entropy, rtol=0, atol=1e-4)
     out = torch.empty_like(x)
-    cpp_backend.backward(x, y, got.lse, torch.ones(2), -100, out)
+    cpp_backend.backward(x, y, got.row_max, got.log_sum, torch.ones(2), -100, out)
     assert torch.isfinite(out).all()
     want = torch.empty_like(x, dtype=torch.float64)
-    reference.backward(x.double(), y, ref.lse, torch.ones(2, dtype=torch.float64), -100, want)
+    reference.backward(x.double(), y, ref.row_max, ref.log_sum, torch.ones(2, dtype=torch.float64), -100, want)
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
 
 
@@ -180,13 +181,12 @@ def test_out_of_range_labels_are_ignored_by_the_kernel():
     """Python validates labels first; the kernel still never reads outside the row."""
     x = torch.randn(1, 3, 10)
     y = torch.tensor([[10, -5, 3]])
-    stats = torch.full((4, 1, 3), float("nan"))
-    _C.forward(x.data_ptr(), 0, 1, 3, 10, x.stride(0), x.stride(1), y.data_ptr(), -100,
-               *(stats[i].data_ptr() for i in range(4)))
-    assert torch.equal(stats[:, 0, :2], torch.zeros(4, 2))
+    stats = torch.full((5, 1, 3), float("nan"))
+    _C.forward(x.data_ptr(), 0, 1, 3, 10, x.stride(0), x.stride(1), y.data_ptr(), -100, stats.data_ptr())
+    assert torch.equal(stats[:, 0, :2], torch.zeros(5, 2))
     out = torch.full_like(x, float("nan"))
     _C.backward(x.data_ptr(), 0, 1, 3, 10, x.stride(0), x.stride(1), y.data_ptr(),
-                stats[1].data_ptr(), torch.ones(1).data_ptr(), -100, out.data_ptr(),
+                stats[1].data_ptr(), stats[2].data_ptr(), torch.ones(1).data_ptr(), -100, out.data_ptr(),
                 out.stride(0), out.stride(1))
     assert torch.equal(out[0, :2], torch.zeros(2, 10))
     assert torch.isfinite(out[0, 2]).all()
@@ -245,7 +245,7 @@ def test_cuda_extension_built_and_clear_without_gpu():
     with pytest.raises(RuntimeError, match="no CUDA device"):
         _cuda.device_count()
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _cuda.forward(0, 0, 1, 1, 1, 1, 1, 0, -100, 0, 0, 0, 0, 0, 0)
+        _cuda.forward(0, 0, 1, 1, 1, 1, 1, 0, -100, 0, 0, 0)
     assert cuda_backend.unavailable_reason(torch.device("cuda")) is not None
     with pytest.raises(ValueError, match="not available"):
         pyfastpo.sequence_logps(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), backend="cuda")
@@ -273,10 +273,10 @@ def test_cuda_backend_vs_reference(dtype, vocab):
             torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=2e-4)
         g = torch.randn(3, device="cuda")
         want = torch.empty_like(x)
-        reference.backward(x, y, ref.lse, g, -100, want)
+        reference.backward(x, y, ref.row_max, ref.log_sum, g, -100, want)
         out = torch.full_like(x, float("nan"))
-        cuda_backend.backward(x, y, got.lse, g, -100, out)
+        cuda_backend.backward(x, y, got.row_max, got.log_sum, g, -100, out)
         torch.testing.assert_close(out, want, **({} if dtype != torch.float32 else {"rtol": 1e-5, "atol": 1e-6}))
         inplace = x.clone()
-        cuda_backend.backward(inplace, y, got.lse, g, -100, inplace)
+        cuda_backend.backward(inplace, y, got.row_max, got.log_sum, g, -100, inplace)
         assert torch.equal(inplace, out)

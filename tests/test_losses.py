@@ -89,12 +89,27 @@ def expected(loss_type, x):
         "sigmoid_norm": lambda: -ls(BETA * (dc / nc - dr / nr)),
         "sft": lambda: (-c.sum() / nc.sum()).expand(B),
         "focalpo": lambda: -(sig(h) ** FOCAL_GAMMA) * ls(h),
-        "mallows_dpo": lambda: -ls(theta * h),
-        "mallows_ipo": lambda: (theta * (dc - dr) - 1 / (2 * BETA)) ** 2,
+        "mallows_dpo": lambda: (1 - EPS) * -ls(theta * h) + EPS * -ls(-theta * h),
+        "mallows_ipo": lambda: (theta * (dc / nc - dr / nr) - 1 / (2 * BETA)) ** 2,
         "mallows_phi": lambda: -torch.log(mallows_p(h, phi_of(x))),
         "simpo": lambda: -ls(BETA * (c / nc - r / nr) - SIMPO_GAMMA),
     }
     return formulas[loss_type]()
+
+
+# The options each loss type reads (the others are refused when set), written here independently.
+OPTIONS = {
+    "robust": dict(label_smoothing=EPS),
+    "exo_pair": dict(label_smoothing=EPS),
+    "aot": dict(label_smoothing=EPS),
+    "aot_unpaired": dict(label_smoothing=EPS),
+    "mallows_dpo": dict(label_smoothing=EPS, dispersion_scale=C_DISP),
+    "mallows_ipo": dict(dispersion_scale=C_DISP),
+    "mallows_phi": dict(dispersion_scale=C_DISP),
+    "focalpo": dict(focal_gamma=FOCAL_GAMMA),
+    "simpo": dict(simpo_gamma=SIMPO_GAMMA),
+    "discopop": dict(discopop_tau=TAU),
+}
 
 
 def ours(loss_type, x, **kw):
@@ -103,17 +118,14 @@ def ours(loss_type, x, **kw):
     kwargs = dict(
         loss_type=loss_type,
         beta=BETA,
-        label_smoothing=EPS,
-        focal_gamma=FOCAL_GAMMA,
-        simpo_gamma=SIMPO_GAMMA,
-        discopop_tau=TAU,
         chosen_num_tokens=x["nc"],
         rejected_num_tokens=x["nr"],
         ref_chosen_entropy=x["hc"],
         ref_rejected_entropy=x["hr"],
         vocab_size=V,
-        dispersion_scale=C_DISP,
     )
+    for t in [loss_type] if isinstance(loss_type, str) else loss_type:
+        kwargs.update(OPTIONS.get(t, {}))
     kwargs.update(kw)
     out = pyfastpo.preference_loss(c, r, x["rc"], x["rr"], **kwargs)
     out.loss.backward()
@@ -159,7 +171,7 @@ def test_mallows_dpo_gradient_closed_form():
     x = batch(2)
     h = BETA * ((x["c"] - x["rc"]) - (x["r"] - x["rr"]))
     theta = -torch.log(phi_of(x))
-    _, gc, _ = ours("mallows_dpo", x)
+    _, gc, _ = ours("mallows_dpo", x, label_smoothing=0.0)
     torch.testing.assert_close(gc, -theta * (1 - sig(theta * h)) * BETA / B)
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfastpo
+from pyfastpo.losses.options import USED_BY
 from helpers import EXPECTED_BACKENDS, IGNORE, grad_tolerances, make_logits, oracle, run, tolerances
 
 
@@ -56,7 +57,9 @@ def test_sigmoid_family_identities(margin, beta):
         torch.testing.assert_close(pyfastpo.preference_loss(c, r, beta=beta, **kw).losses, dpo)
     counts = torch.full_like(c, 3)
     for loss_type in pyfastpo.LOSS_TYPES:
-        kw = dict(label_smoothing=0.1, chosen_num_tokens=counts, rejected_num_tokens=counts)
+        kw = dict(chosen_num_tokens=counts, rejected_num_tokens=counts)
+        if loss_type in USED_BY["label_smoothing"]:
+            kw["label_smoothing"] = 0.1
         if loss_type.startswith("mallows"):
             kw["dispersion"] = torch.full_like(c, 0.5)
         out = pyfastpo.preference_loss(c, r, beta=beta, loss_type=loss_type, **kw)

@@ -185,5 +185,5 @@ def test_double_backward_raises(backend, device):
     logits = make_logits(2, 3, 10, device=device).requires_grad_()
     out = pyfastpo.sequence_logps(logits, make_labels(2, 3, 10, device=device), backend=backend)
     (grad,) = torch.autograd.grad(out.logps.sum(), logits, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|marked with"):
+    with pytest.raises(RuntimeError, match="differentiable once"):
         grad.sum().backward()

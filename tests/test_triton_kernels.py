@@ -43,7 +43,7 @@ def oracle(logits, labels, grad_scale):
     x = logits.double()
     stats = reference.forward(x, labels, IGNORE)
     grad = torch.empty_like(x)
-    reference.backward(x, labels, stats.lse, grad_scale.double(), IGNORE, grad)
+    reference.backward(x, labels, stats.row_max, stats.log_sum, grad_scale.double(), IGNORE, grad)
     return stats, grad
 
 
@@ -52,18 +52,18 @@ def run_triton(logits, labels, grad_scale, block_v=BLOCK, out=None):
     stats = [s.view(n, t) for s in logps_forward(logits, labels, IGNORE, block_v=block_v)]
     if out is None:
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    logps_backward(logits, labels, stats[1], grad_scale, IGNORE, out, block_v=block_v)
+    logps_backward(logits, labels, stats[1], stats[2], grad_scale, IGNORE, out, block_v=block_v)
     return stats, out
 
 
 def grad_tol(dtype):
-    """Gradient tolerance: float32 rounding of exp(x - lse), or one 16-bit rounding."""
+    """Gradient tolerance: float32 rounding of exp((x - m) - log s), or one 16-bit rounding."""
     return dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-5, rtol=2**-7)
 
 
 def check(logits, labels, block_v=BLOCK, atol=2e-5, rtol=1e-5):
     grad_scale = torch.randn(logits.shape[0], device=logits.device)
-    (logp, lse, ent, zsum), grad = run_triton(logits, labels, grad_scale, block_v)
+    (logp, m, log_s, ent, zsum), grad = run_triton(logits, labels, grad_scale, block_v)
     ref, ref_grad = oracle(logits, labels, grad_scale)
     valid = labels != IGNORE
     pairs = (("logp", logp, ref.logp), ("entropy", ent, ref.entropy), ("sum_logits", zsum, ref.sum_logits))
@@ -71,7 +71,8 @@ def check(logits, labels, block_v=BLOCK, atol=2e-5, rtol=1e-5):
         assert got.dtype == torch.float32, name
         torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol, msg=name)
         assert torch.all(got[~valid] == 0), name  # exactly 0 at ignored tokens
-    torch.testing.assert_close(lse[valid].double(), ref.lse[valid], atol=atol, rtol=rtol)
+    torch.testing.assert_close(m[valid].double(), ref.row_max[valid], atol=0, rtol=0)
+    torch.testing.assert_close(log_s[valid].double(), ref.log_sum[valid], atol=atol, rtol=rtol)
     # The gradient in the logits' dtype: one rounding of the float32 value.
     assert grad.dtype == logits.dtype
     torch.testing.assert_close(grad.double(), ref_grad.to(logits.dtype).double(), **grad_tol(logits.dtype))
@@ -121,11 +122,11 @@ def test_huge_logits_stay_finite(dtype):
         assert torch.isfinite(s).all()
     assert torch.isfinite(grad).all()
     ref, _ = oracle(logits, labels, grad_scale)
-    # logp and lse carry float32 rounding of numbers of size 1e4 (~1e-3); the
-    # entropy is kept relative to the max, so it is accurate in absolute terms.
-    torch.testing.assert_close(stats[0].double(), ref.logp, atol=4e-3, rtol=1e-6)
-    torch.testing.assert_close(stats[2].double(), ref.entropy, atol=1e-4, rtol=0)
-    torch.testing.assert_close(stats[3].double(), ref.sum_logits, atol=0.5, rtol=1e-6)
+    # logp = (x_y - m) - log s and the entropy are kept relative to the max, so
+    # they are accurate in absolute terms even at logits of size 1e4.
+    torch.testing.assert_close(stats[0].double(), ref.logp, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(stats[3].double(), ref.entropy, atol=1e-4, rtol=0)
+    torch.testing.assert_close(stats[4].double(), ref.sum_logits, atol=0.5, rtol=1e-6)
 
 
 def test_minus_inf_logits():
@@ -135,9 +136,9 @@ def test_minus_inf_logits():
     logits[0, 1, BLOCK:] = float("-inf")
     labels[0] = torch.tensor([3 * BLOCK, 2, 5])
     grad_scale = torch.ones(1, device=logits.device)
-    (logp, lse, ent, _), grad = run_triton(logits, labels, grad_scale)
+    (logp, m, log_s, ent, _), grad = run_triton(logits, labels, grad_scale)
     ref, ref_grad = oracle(logits, labels, grad_scale)
-    for got, want in ((logp, ref.logp), (lse, ref.lse), (ent, ref.entropy)):
+    for got, want in ((logp, ref.logp), (m, ref.row_max), (log_s, ref.log_sum), (ent, ref.entropy)):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, **grad_tol(torch.float32))
@@ -147,9 +148,9 @@ def test_minus_inf_logits():
 def test_inplace_equals_out_of_place(dtype):
     logits, labels = make_inputs(2, 4, 2 * BLOCK + 3, dtype=dtype, seed=6)
     grad_scale = torch.randn(2, device=logits.device)
-    (_, lse, _, _), fresh = run_triton(logits, labels, grad_scale)
+    (_, m, log_s, _, _), fresh = run_triton(logits, labels, grad_scale)
     inplace = logits.clone()
-    logps_backward(inplace, labels, lse.view(2, 4), grad_scale, IGNORE, inplace, block_v=BLOCK)
+    logps_backward(inplace, labels, m.view(2, 4), log_s.view(2, 4), grad_scale, IGNORE, inplace, block_v=BLOCK)
     assert torch.equal(inplace, fresh)
 
 
@@ -159,7 +160,7 @@ def test_ignored_rows_zero_gradient_over_garbage():
     labels[2, 1:3] = IGNORE
     out = torch.full_like(logits, float("nan"))
     grad_scale = torch.randn(3, device=logits.device)
-    (logp, _, ent, zsum), grad = run_triton(logits, labels, grad_scale, out=out)
+    (logp, _, _, ent, zsum), grad = run_triton(logits, labels, grad_scale, out=out)
     ignored = labels == IGNORE
     assert torch.all(grad[ignored] == 0)
     assert torch.isfinite(grad).all()
@@ -185,7 +186,7 @@ def test_strided_logits_and_out():
     grad_scale = torch.randn(2, device=base.device)
     wide = torch.full((2, 4, 3 * BLOCK), float("nan"), device=base.device)
     out = wide[:, :, 5 : 5 + logits.shape[-1]]
-    (logp, _, ent, _), grad = run_triton(logits, labels, grad_scale, out=out)
+    (logp, _, _, ent, _), grad = run_triton(logits, labels, grad_scale, out=out)
     ref, ref_grad = oracle(logits, labels, grad_scale)
     torch.testing.assert_close(logp.double(), ref.logp, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ent.double(), ref.entropy, atol=2e-5, rtol=1e-5)
@@ -216,7 +217,7 @@ def test_empty_inputs():
     labels = torch.zeros(0, 3, dtype=torch.long, device=DEVICE)
     stats = triton_backend.forward(logits, labels, IGNORE)
     assert all(s.shape == (0, 3) for s in stats)
-    triton_backend.backward(logits, labels, stats.lse, torch.ones(0, device=DEVICE), IGNORE, logits)
+    triton_backend.backward(logits, labels, stats.row_max, stats.log_sum, torch.ones(0, device=DEVICE), IGNORE, logits)
 
 
 def test_unavailable_reason(monkeypatch):

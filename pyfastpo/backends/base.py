@@ -10,16 +10,23 @@ backends, in :mod:`pyfastpo.sequence_logps`; a backend only does per-token math.
     ``logits[:, :-1]`` is never copied).
     labels: ``[N, T]`` int64, contiguous, already validated: every entry is
     either ``ignore_index`` or in ``[0, V)``.
-    Returns four ``[N, T]`` contiguous tensors in the compute dtype (float32,
-    float64 for float64 input): per-token ``logp = x_y - lse``, ``lse``,
-    ``entropy`` (nats) and ``sum_logits = sum_v x_v``. At ignored tokens
-    ``logp``, ``entropy`` and ``sum_logits`` are exactly 0 and ``lse`` is
-    unspecified; an ignored token's row of logits is never read.
+    Returns five ``[N, T]`` contiguous tensors in the compute dtype (float32,
+    float64 for float64 input): per-token ``logp = (x_y - m) - log s``, the row
+    max ``m``, ``log_sum = log s`` with ``s = sum_v exp(x_v - m)``, ``entropy``
+    (nats) and ``sum_logits = sum_v x_v``. ``m`` and ``log s`` are kept apart
+    (never ``lse = m + log s``): that sum rounds at the size of the logits and
+    would cost the log-probs their digits at large offsets. At ignored tokens
+    ``logp``, ``entropy`` and ``sum_logits`` are exactly 0 and ``m``/``log_sum``
+    unspecified; an ignored token's row of logits is never read. A row with a
+    NaN or +inf logit, or only -inf logits, is undefined: ``log_sum``,
+    ``entropy`` and ``logp`` are NaN (and its gradient is NaN).
 
-``backward(logits, labels, lse, grad_scale, ignore_index, out) -> None``
-    Writes ``out[n, t, v] = grad_scale[n] * ([v == y] - exp(x_v - lse[n, t]))``
-    for valid tokens and 0 for ignored ones, in ``out``'s dtype (the logits'
-    dtype); the target column's ``1 - p`` is computed in float32.
+``backward(logits, labels, row_max, log_sum, grad_scale, ignore_index, out) -> None``
+    Writes ``out[n, t, v] = grad_scale[n] * ([v == y] - exp((x_v - m) - log s))``
+    for valid tokens (NaN for an undefined row) and 0 for ignored ones, in
+    ``out``'s dtype (the logits' dtype); the target column's ``1 - p`` is
+    computed in float32.
+    row_max, log_sum: ``[N, T]`` from ``forward``, contiguous.
     grad_scale: ``[N]`` float32 (float64 for float64 input), contiguous.
     out: ``[N, T, V]``, ``stride(-1) == 1``, either a fresh tensor or ``logits``
     itself (in-place backward): a backend must read a row before it writes it.
@@ -38,7 +45,8 @@ class TokenStats(NamedTuple):
     """Per-token statistics of one forward pass; each ``[N, T]``, compute dtype."""
 
     logp: torch.Tensor
-    lse: torch.Tensor
+    row_max: torch.Tensor
+    log_sum: torch.Tensor
     entropy: torch.Tensor
     sum_logits: torch.Tensor
 

@@ -42,28 +42,32 @@ def dtype_code(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
 
 
+NUM_STATS = len(TokenStats._fields)
+"""Rows of the float32 ``[NUM_STATS, N, T]`` buffer the C++ forward writes (TokenStats' order)."""
+
+
 def forward_args(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, out: torch.Tensor) -> tuple:
     """The positional arguments ``_C.forward`` and ``_cuda.forward`` share: pointers,
-    dtype code, sizes and strides of ``logits [N, T, V]``, ``labels`` and the four
-    ``[N, T]`` float32 rows of ``out [4, N, T]``."""
+    dtype code, sizes and strides of ``logits [N, T, V]``, ``labels`` and the
+    contiguous float32 ``out [NUM_STATS, N, T]``."""
     n, t, v = logits.shape
     return (
         logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
-        labels.data_ptr(), int(ignore_index), *(row.data_ptr() for row in out),
+        labels.data_ptr(), int(ignore_index), out.data_ptr(),
     )  # fmt: skip
 
 
-def backward_args(logits, labels, lse, grad_scale, ignore_index, out) -> tuple:
-    """The positional arguments ``_C.backward`` and ``_cuda.backward`` share. ``lse``
-    and ``grad_scale`` must already be float32 and contiguous (the contract of
-    :mod:`pyfastpo.backends.base`): the kernels read them as flat arrays."""
-    for what, x in (("lse", lse), ("grad_scale", grad_scale)):
+def backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out) -> tuple:
+    """The positional arguments ``_C.backward`` and ``_cuda.backward`` share. ``row_max``,
+    ``log_sum`` and ``grad_scale`` must already be float32 and contiguous (the
+    contract of :mod:`pyfastpo.backends.base`): the kernels read them as flat arrays."""
+    for what, x in (("row_max", row_max), ("log_sum", log_sum), ("grad_scale", grad_scale)):
         if x.dtype != torch.float32 or not x.is_contiguous():
             raise ValueError(f"{what} must be a contiguous float32 tensor, got {x.dtype} strides {x.stride()}")
     n, t, v = logits.shape
     return (
         logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
-        labels.data_ptr(), lse.data_ptr(), grad_scale.data_ptr(), int(ignore_index),
+        labels.data_ptr(), row_max.data_ptr(), log_sum.data_ptr(), grad_scale.data_ptr(), int(ignore_index),
         out.data_ptr(), out.stride(0), out.stride(1),
     )  # fmt: skip
 
@@ -75,10 +79,10 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
         logits: ``[N, T, V]`` float32 / bfloat16 / float16 on CPU, ``stride(-1) == 1``.
         labels: ``[N, T]`` int64, contiguous, validated.
     Returns:
-        :class:`TokenStats` of four ``[N, T]`` float32 tensors (logp, lse, entropy, sum_logits).
+        :class:`TokenStats` of five ``[N, T]`` float32 tensors.
     """
     n, t, _ = logits.shape
-    out = torch.empty(4, n, t, dtype=torch.float32, device=logits.device)
+    out = torch.empty(NUM_STATS, n, t, dtype=torch.float32, device=logits.device)
     if out.numel():
         _C.forward(*forward_args(logits, labels, ignore_index, out), torch.get_num_threads())
     return TokenStats(*out.unbind(0))
@@ -87,7 +91,8 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
 def backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     grad_scale: torch.Tensor,
     ignore_index: int,
     out: torch.Tensor,
@@ -97,9 +102,10 @@ def backward(
     Args:
         logits: ``[N, T, V]`` as in :func:`forward`.
         labels: ``[N, T]`` int64, contiguous.
-        lse: ``[N, T]`` float32, contiguous, from :func:`forward`.
+        row_max, log_sum: ``[N, T]`` float32, contiguous, from :func:`forward`.
         grad_scale: ``[N]`` float32, contiguous.
         out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits`` itself.
     """
     if logits.shape[0] * logits.shape[1]:
-        _C.backward(*backward_args(logits, labels, lse, grad_scale, ignore_index, out), torch.get_num_threads())
+        args = backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out)
+        _C.backward(*args, torch.get_num_threads())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import TokenStats
-from .cpp_backend import backward_args, forward_args
+from .cpp_backend import NUM_STATS, backward_args, forward_args
 
 try:
     from pyfastpo import _cuda
@@ -25,14 +25,35 @@ name = "cuda"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """None for CUDA tensors when the extension is built and a GPU is present."""
+    """None for CUDA tensors when the extension is built and the GPU is new enough for it."""
     if _cuda is None:
         return _IMPORT_ERROR
     if device.type != "cuda":
         return f"it runs on CUDA tensors only, not {device.type}"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
-    return None
+    return _capability_reason(device)
+
+
+MIN_CAPABILITY = (8, 0)
+"""The oldest compute capability the extension runs on: setup.py's NVCC_FLAGS build
+sm_80 and sm_90 code (each runs on later minors of its major) plus compute_90 PTX
+(JIT-compiled on newer majors); nothing runs below 8.0."""
+
+
+def _capability_reason(device: torch.device) -> str | None:
+    """Why the GPU ``device`` cannot run the compiled kernels (None when it can)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        return f"cuda:{index} does not exist (torch sees {count} CUDA device{'s' if count != 1 else ''})"
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) >= MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, MIN_CAPABILITY))
+    return (f"the CUDA kernels are built for compute capability {need} and newer (sm_80, sm_90 + PTX); "
+            f"cuda:{index} is {major}.{minor} ({torch.cuda.get_device_name(index)}); "
+            "use backend='triton' or 'reference'")
 
 
 def _device_and_stream(t: torch.Tensor) -> tuple[int, int]:
@@ -47,11 +68,11 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
         logits: ``[N, T, V]`` float32 / bfloat16 / float16 on a CUDA device, ``stride(-1) == 1``.
         labels: ``[N, T]`` int64, contiguous, validated, same device.
     Returns:
-        :class:`TokenStats` of four ``[N, T]`` float32 tensors (logp, lse, entropy, sum_logits).
+        :class:`TokenStats` of five ``[N, T]`` float32 tensors.
     """
     n, t, _ = logits.shape
     with torch.cuda.device(logits.device):
-        out = torch.empty(4, n, t, dtype=torch.float32, device=logits.device)
+        out = torch.empty(NUM_STATS, n, t, dtype=torch.float32, device=logits.device)
         if out.numel():
             _cuda.forward(*forward_args(logits, labels, ignore_index, out), *_device_and_stream(logits))
     return TokenStats(*out.unbind(0))
@@ -60,7 +81,8 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
 def backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     grad_scale: torch.Tensor,
     ignore_index: int,
     out: torch.Tensor,
@@ -70,11 +92,11 @@ def backward(
     Args:
         logits: ``[N, T, V]`` as in :func:`forward`.
         labels: ``[N, T]`` int64, contiguous.
-        lse: ``[N, T]`` float32, contiguous, from :func:`forward`.
+        row_max, log_sum: ``[N, T]`` float32, contiguous, from :func:`forward`.
         grad_scale: ``[N]`` float32, contiguous.
         out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits`` itself.
     """
     if logits.shape[0] * logits.shape[1]:
         with torch.cuda.device(logits.device):
-            args = backward_args(logits, labels, lse, grad_scale, ignore_index, out)
+            args = backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out)
             _cuda.backward(*args, *_device_and_stream(logits))

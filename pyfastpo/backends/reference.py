@@ -37,30 +37,36 @@ def _valid_chunks(labels: torch.Tensor, ignore_index: int, vocab: int):
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
-    """Per-token logp, lse, entropy and logit sum; see :mod:`pyfastpo.backends.base`."""
+    """Per-token logp, row max, log-sum, entropy and logit sum; see :mod:`pyfastpo.backends.base`."""
     n, t, v = logits.shape
     cdtype = compute_dtype(logits.dtype)
-    stats = torch.zeros(4, n, t, dtype=cdtype, device=logits.device)
+    stats = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=logits.device)
     for n_idx, t_idx in _valid_chunks(labels, ignore_index, v):
         x = logits[n_idx, t_idx].to(cdtype)  # [rows, V]
         y = labels[n_idx, t_idx]
-        lse = torch.logsumexp(x, dim=-1)
-        logp = x - lse[:, None]
+        m = x.max(dim=-1).values  # NaN when the row holds a NaN
+        shifted = x - m[:, None]  # exact to the inputs' rounding at any offset
+        log_s = torch.logsumexp(shifted, dim=-1)
+        # Undefined rows (a NaN or +inf logit, or only -inf): NaN, as in every backend.
+        log_s = torch.where(torch.isfinite(m), log_s, torch.full_like(log_s, float("nan")))
+        logp = shifted - log_s[:, None]
         p = torch.exp(logp)
         # Entropy as -sum p log p (not lse - sum p x: that cancels at large logits);
         # a column with p == 0 (x == -inf) adds nothing instead of nan; NaN stays NaN.
         plogp = torch.where(p == 0, torch.zeros((), dtype=cdtype, device=x.device), p * logp)
         stats[0, n_idx, t_idx] = logp.gather(1, y[:, None]).squeeze(1)
-        stats[1, n_idx, t_idx] = lse
-        stats[2, n_idx, t_idx] = -plogp.sum(-1)
-        stats[3, n_idx, t_idx] = x.sum(-1)
+        stats[1, n_idx, t_idx] = m
+        stats[2, n_idx, t_idx] = log_s
+        stats[3, n_idx, t_idx] = -plogp.sum(-1)
+        stats[4, n_idx, t_idx] = x.sum(-1)
     return TokenStats(*stats.unbind(0))
 
 
 def backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     grad_scale: torch.Tensor,
     ignore_index: int,
     out: torch.Tensor,
@@ -75,7 +81,8 @@ def backward(
         x = logits[n_idx, t_idx].to(cdtype)
         y = labels[n_idx, t_idx][:, None]
         g = grad_scale[n_idx].to(cdtype)[:, None]
-        p = torch.exp(x - lse[n_idx, t_idx].to(cdtype)[:, None])
+        m = row_max[n_idx, t_idx].to(cdtype)[:, None]
+        p = torch.exp((x - m) - log_sum[n_idx, t_idx].to(cdtype)[:, None])
         grad = -g * p
         # The target column as g * (1 - p_y), computed in the compute dtype.
         grad.scatter_(1, y, g * (1 - p.gather(1, y)))

@@ -32,10 +32,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
-    """Per-token ``logp``, ``lse``, ``entropy``, ``sum_logits``, each ``[N, T]`` float32.
+    """Per-token :class:`TokenStats`, each ``[N, T]`` float32.
 
     See :mod:`pyfastpo.backends.base`; inputs are already validated there.
-    At ignored tokens all four (``lse`` included) are 0.
+    At ignored tokens all five (``row_max`` and ``log_sum`` included) are 0.
     """
     n, t, _ = logits.shape
     stats = logps_forward(logits, labels, ignore_index)
@@ -45,10 +45,11 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
 def backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    log_sum: torch.Tensor,
     grad_scale: torch.Tensor,
     ignore_index: int,
     out: torch.Tensor,
 ) -> None:
     """Write ``grad_scale[n] * (onehot - softmax)`` into ``out`` (may alias ``logits``)."""
-    logps_backward(logits, labels, lse, grad_scale, ignore_index, out)
+    logps_backward(logits, labels, row_max, log_sum, grad_scale, ignore_index, out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,24 @@ DEFAULTS = {
                       "8x1024x32000,8x1024x151936,8x1024x262144", 4096, 20, 3),  # fmt: skip
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+BENCH_EXTRA = "bench"
+"""The pyproject extra (``pip install 'pyfastpo[bench]'``) that provides :data:`EXTRA_MODULES`."""
+EXTRA_MODULES = ("tqdm", "matplotlib")  # the progress bar (run); the PNG plots (report.plots)
+
+
+def missing_extra() -> str | None:
+    """None when every module of the ``bench`` extra imports, else a one-line error naming the extra."""
+    missing, first_error = [], None
+    for module in EXTRA_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            missing.append(module)
+            first_error = first_error or C.first_line(err)
+    if not missing:
+        return None
+    return (f"pyfastpo-bench: error: it needs {' and '.join(missing)}, which cannot be imported here "
+            f"({first_error}); install the '{BENCH_EXTRA}' extra: pip install 'pyfastpo[{BENCH_EXTRA}]'")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -196,6 +215,10 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    error = missing_extra()  # before the sweep, not after it (the plots come last)
+    if error:
+        print(error, file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.include_interpreted and args.device == "cpu":

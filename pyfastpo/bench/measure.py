@@ -10,7 +10,7 @@ most memory held at once beyond what the inputs already held: CPU allocator
 events from ``torch.profiler`` on a CPU, ``torch.cuda.max_memory_allocated`` on a
 GPU). Outputs (the returned gradient) count; the inputs do not.
 
-Byte model of the logits path (the op's floor; DESIGN.md's "3 x logits bytes"):
+Byte model of the logits path (the op's floor, "3 x logits bytes"):
 the forward reads the row of logits of every valid token, the backward reads it
 again and writes the gradient of every row (zeros for ignored tokens), so
 

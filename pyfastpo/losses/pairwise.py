@@ -172,13 +172,15 @@ def _theta(p: PairTerms) -> torch.Tensor:
 
 
 def mallows_dpo(p: PairTerms) -> torch.Tensor:
-    """MallowsPO-theta (arXiv 2405.14953): ``-logsigmoid(-log(phi) * h)``."""
-    return -F.logsigmoid(_theta(p) * p.h)
+    """MallowsPO-theta (arXiv 2405.14953): ``-logsigmoid(-log(phi) * h)``, with cDPO label
+    smoothing ``eps`` as the authors' trainer applies it. ``-log(phi) = 1`` gives ``sigmoid``."""
+    return _smoothed_sigmoid(_theta(p) * p.h, p.label_smoothing)
 
 
 def mallows_ipo(p: PairTerms) -> torch.Tensor:
-    """MallowsPO-theta with IPO's squared loss: ``(-log(phi) * delta - 1/(2 beta))^2``."""
-    return (_theta(p) * (p.dc - p.dr) - 1 / (2 * p.beta)) ** 2
+    """MallowsPO-theta with IPO's squared loss on per-token log-ratios (``ipo``'s convention):
+    ``(-log(phi) * (dc/nc - dr/nr) - 1/(2 beta))^2``. ``-log(phi) = 1`` gives ``ipo``."""
+    return (_theta(p) * (p.dc / p.nc - p.dr / p.nr) - 1 / (2 * p.beta)) ** 2
 
 
 def mallows_phi(p: PairTerms) -> torch.Tensor:
@@ -219,5 +221,5 @@ LOSSES = {
 }
 """Every ``loss_type`` by name."""
 
-NEEDS_TOKEN_COUNTS = {"ipo", "sigmoid_norm", "sft", "simpo"}
+NEEDS_TOKEN_COUNTS = {"ipo", "sigmoid_norm", "sft", "simpo", "mallows_ipo"}
 MALLOWS = {"mallows_dpo", "mallows_ipo", "mallows_phi"}

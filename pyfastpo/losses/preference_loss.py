@@ -8,6 +8,7 @@ import torch
 
 from ..validation import check_same_device
 from .mallows import dispersion_from_entropy
+from .options import check_loss_options
 from .pairwise import LOSSES, MALLOWS, NEEDS_TOKEN_COUNTS, PairTerms
 
 
@@ -28,28 +29,6 @@ class PreferenceLossOutput(NamedTuple):
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     metrics: dict
-
-
-def _as_list(loss_type: str | Sequence[str]) -> list[str]:
-    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
-
-
-def _check_options(types, weights, beta, label_smoothing) -> list[float]:
-    if not types:
-        raise ValueError("loss_type must name at least one loss type")
-    unknown = [t for t in types if t not in LOSSES]
-    if unknown:
-        raise ValueError(f"loss_type {unknown} is unknown; choose from {sorted(LOSSES)}")
-    weights = [1.0] * len(types) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(types):
-        raise ValueError(f"loss_weights has {len(weights)} entries for {len(types)} loss types; give one per type")
-    if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if "robust" in types and not 0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5) for the 'robust' loss, got {label_smoothing}")
-    if "exo_pair" in types and not 0 < label_smoothing < 1:
-        raise ValueError(f"label_smoothing must lie in (0, 1) for 'exo_pair' (EXO suggests 1e-3), got {label_smoothing}")
-    return weights
 
 
 def _check_vector(name: str, value, size: int) -> None:
@@ -96,8 +75,9 @@ def preference_loss(
         loss_type: a name or a list of names (see README's table); with a list,
             ``loss_weights`` (default all 1) weights each type's mean.
         beta: inverse temperature of the implicit reward.
-        label_smoothing: flip rate for ``robust``, ``aot``, ``aot_unpaired``; the
-            target smoothing for ``exo_pair``.
+        label_smoothing: flip rate for ``robust``, ``aot``, ``aot_unpaired`` and
+            ``mallows_dpo`` (cDPO smoothing, as the MallowsPO authors apply it);
+            the target smoothing for ``exo_pair``.
         gamma: shorthand for ``focal_gamma`` (``focalpo``) or ``simpo_gamma``
             (``simpo``), whichever is in ``loss_type``.
         focal_gamma, focal_detach: FocalPO's exponent and whether to stop the
@@ -116,16 +96,21 @@ def preference_loss(
             divided by the chosen token count when ``bcr_per_token``).
         nll_weight: weight of the chosen completion's per-token NLL (RPO).
 
+    Options are checked before anything is computed (see
+    :mod:`pyfastpo.losses.options`): out-of-range values, values that would flip
+    the training signal and options the chosen loss types never read raise ValueError.
+
     Returns:
         :class:`PreferenceLossOutput`.
     """
-    types = _as_list(loss_type)
-    weights = _check_options(types, loss_weights, beta, label_smoothing)
-    if gamma is not None:
-        if "focalpo" in types and "simpo" in types:
-            raise ValueError("gamma is ambiguous with both 'focalpo' and 'simpo': pass focal_gamma and simpo_gamma")
-        focal_gamma = gamma if "focalpo" in types else focal_gamma
-        simpo_gamma = gamma if "simpo" in types else simpo_gamma
+    options = check_loss_options(
+        loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
+        focal_gamma=focal_gamma, focal_detach=focal_detach, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau,
+        dispersion_scale=dispersion_scale, dispersion_given=dispersion is not None, bcr_weight=bcr_weight,
+        bcr_budget=bcr_budget, bcr_per_token=bcr_per_token, nll_weight=nll_weight, vocab_size=vocab_size,
+    )  # fmt: skip
+    types, weights = options.types, options.weights
+    focal_gamma, simpo_gamma = options.focal_gamma, options.simpo_gamma
 
     b = chosen_logps.shape[0] if isinstance(chosen_logps, torch.Tensor) and chosen_logps.dim() == 1 else -1
     if b < 1:

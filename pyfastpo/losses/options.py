@@ -1,0 +1,184 @@
+"""Checks of the scalar options of :func:`pyfastpo.preference_loss`, runnable before any kernel.
+
+Every entry point (``preference_loss``, ``fused_preference_loss``,
+``linear_preference_loss``, ``FastDPOConfig``) calls :func:`check_loss_options`
+first, so a wrong option costs no pass over the logits. Three kinds of fault are
+refused with a ValueError that names the valid range:
+
+- values outside their domain (``beta`` not a positive finite number, a
+  label-smoothing rate of the wrong range for the loss, an unknown loss type);
+- values that would flip the training signal (a negative regularization or
+  loss weight, a negative focal exponent, a dispersion scale that makes
+  ``phi > 1``);
+- options that the chosen loss types never read, set to a non-default value
+  (they would be silently ignored).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from .pairwise import LOSSES, MALLOWS
+
+OPTION_DEFAULTS = {
+    "label_smoothing": 0.0,
+    "gamma": None,
+    "focal_gamma": 0.05,
+    "focal_detach": False,
+    "simpo_gamma": 0.5,
+    "discopop_tau": 0.05,
+    "dispersion_scale": 0.29,
+    "bcr_budget": 0.0,
+    "bcr_per_token": False,
+}
+"""Defaults of the loss-specific options (``preference_loss``'s signature matches; a test checks it)."""
+
+USED_BY = {
+    "label_smoothing": {"robust", "exo_pair", "aot", "aot_unpaired", "mallows_dpo"},
+    "gamma": {"focalpo", "simpo"},
+    "focal_gamma": {"focalpo"},
+    "focal_detach": {"focalpo"},
+    "simpo_gamma": {"simpo"},
+    "discopop_tau": {"discopop"},
+    "dispersion_scale": set(MALLOWS),
+}
+"""Which loss types read each loss-specific option; set elsewhere, an option is refused."""
+
+# Loss types whose label smoothing is a flip rate: at 0.5 the loss carries no signal, above it is reversed.
+_FLIP_RATE = {"robust", "aot", "aot_unpaired", "mallows_dpo"}
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Validated options: the loss types, one weight each, and the resolved exponents."""
+
+    types: list
+    weights: list
+    focal_gamma: float
+    simpo_gamma: float
+
+
+def loss_types(loss_type) -> list:
+    """``loss_type`` (a name or a sequence of names) as a non-empty list of known names."""
+    if isinstance(loss_type, str):
+        types = [loss_type]
+    elif isinstance(loss_type, Sequence) and all(isinstance(t, str) for t in loss_type):
+        types = list(loss_type)
+    else:
+        raise ValueError(f"loss_type must be a name or a list of names from {sorted(LOSSES)}, got {loss_type!r}")
+    if not types:
+        raise ValueError("loss_type must name at least one loss type")
+    unknown = [t for t in types if t not in LOSSES]
+    if unknown:
+        raise ValueError(f"loss_type {unknown} is unknown; choose from {sorted(LOSSES)}")
+    return types
+
+
+def _number(name: str, value, *, low: float | None = None, strict: bool = False, high: float | None = None,
+            high_open: bool = True, why: str = "") -> float:
+    """``value`` as a finite float within the given bounds, else a ValueError naming the range."""
+    lo = "" if low is None else ("(" if strict else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    rng = f"{lo or '(-inf'}, {hi or 'inf)'}"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in {rng}, got {value!r}") from None
+    ok = math.isfinite(x)
+    ok = ok and (low is None or (x > low if strict else x >= low))
+    ok = ok and (high is None or (x < high if high_open else x <= high))
+    if not ok:
+        raise ValueError(f"{name} must be a finite number in {rng}{why}, got {value!r}")
+    return x
+
+
+def check_loss_options(
+    loss_type,
+    *,
+    loss_weights: Sequence[float] | None = None,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    gamma: float | None = None,
+    focal_gamma: float = 0.05,
+    focal_detach: bool = False,
+    simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
+    dispersion_scale: float = 0.29,
+    dispersion_given: bool = False,
+    bcr_weight: float = 0.0,
+    bcr_budget: float = 0.0,
+    bcr_per_token: bool = False,
+    nll_weight: float = 0.0,
+    vocab_size: int | None = None,
+) -> LossOptions:
+    """Validate :func:`pyfastpo.preference_loss`'s scalar options; no tensor is touched.
+
+    ``dispersion_given``: the caller passes the Mallows dispersion directly (then
+    ``dispersion_scale`` and ``vocab_size`` are not read). ``vocab_size``: V when
+    known (the Mallows dispersion from entropies needs ``V >= 2``).
+
+    Returns:
+        :class:`LossOptions` (types, one weight per type, resolved focal and SimPO exponents).
+    """
+    types = loss_types(loss_type)
+    if loss_weights is None:
+        weights = [1.0] * len(types)
+    else:
+        if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
+            raise ValueError(f"loss_weights must be a list of numbers, one per loss type, got {loss_weights!r}")
+        if len(loss_weights) != len(types):
+            raise ValueError(
+                f"loss_weights has {len(loss_weights)} entries for {len(types)} loss types; give one per type"
+            )
+        weights = [
+            _number(f"loss_weights[{i}]", w, low=0.0, why=" (a negative weight reverses that loss)")
+            for i, w in enumerate(loss_weights)
+        ]
+    _number("beta", beta, low=0.0, strict=True)
+    label_smoothing = _number("label_smoothing", label_smoothing)
+    if _FLIP_RATE & set(types) and not 0 <= label_smoothing < 0.5:
+        raise ValueError(
+            f"label_smoothing must lie in [0, 0.5) for {sorted(_FLIP_RATE & set(types))} (a label-flip rate; "
+            f"0.5 carries no signal, more reverses it), got {label_smoothing}"
+        )
+    if "exo_pair" in types and not 0 < label_smoothing < 1:
+        raise ValueError(f"label_smoothing must lie in (0, 1) for 'exo_pair' (EXO suggests 1e-3), got {label_smoothing}")
+
+    values = dict(
+        label_smoothing=label_smoothing, gamma=gamma, focal_gamma=focal_gamma, focal_detach=focal_detach,
+        simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, dispersion_scale=dispersion_scale,
+    )  # fmt: skip
+    for name, users in USED_BY.items():
+        if values[name] != OPTION_DEFAULTS[name] and not users & set(types):
+            raise ValueError(
+                f"{name}={values[name]!r} has no effect with loss_type {types}: only {sorted(users)} read it; "
+                f"leave it at its default ({OPTION_DEFAULTS[name]!r})"
+            )
+    if gamma is not None:
+        if "focalpo" in types and "simpo" in types:
+            raise ValueError("gamma is ambiguous with both 'focalpo' and 'simpo': pass focal_gamma and simpo_gamma")
+        focal_gamma = gamma if "focalpo" in types else focal_gamma
+        simpo_gamma = gamma if "simpo" in types else simpo_gamma
+    name = "gamma" if gamma is not None else None
+    focal_gamma = _number(name or "focal_gamma", focal_gamma, low=0.0, why=" (negative up-weights the pairs already won)")
+    simpo_gamma = _number(name or "simpo_gamma", simpo_gamma, low=0.0, why=" (SimPO's target margin)")
+    _number("discopop_tau", discopop_tau, low=0.0, strict=True)
+    if MALLOWS & set(types):
+        if dispersion_given and dispersion_scale != OPTION_DEFAULTS["dispersion_scale"]:
+            raise ValueError(
+                "dispersion_scale has no effect when dispersion is given directly; pass one of them"
+            )
+        _number("dispersion_scale", dispersion_scale, low=0.0, strict=True,
+                why=" (phi = Hbar ** c must stay in (0, 1]; c <= 0 makes phi >= 1)")  # fmt: skip
+        if not dispersion_given and vocab_size is not None and int(vocab_size) < 2:
+            raise ValueError(
+                f"the Mallows losses normalize entropies by log V and need a vocabulary of at least 2, got V={vocab_size}"
+            )
+    bcr_weight = _number("bcr_weight", bcr_weight, low=0.0, why=" (negative rewards lowering the chosen likelihood)")
+    _number("bcr_budget", bcr_budget, low=0.0, why=" (how far the chosen log-likelihood may fall for free)")
+    if not bcr_weight and (bcr_budget != OPTION_DEFAULTS["bcr_budget"] or bcr_per_token):
+        raise ValueError("bcr_budget and bcr_per_token have no effect with bcr_weight=0; set bcr_weight > 0")
+    _number("nll_weight", nll_weight, low=0.0, why=" (negative rewards lowering the chosen likelihood)")
+    return LossOptions(types, weights, focal_gamma, simpo_gamma)

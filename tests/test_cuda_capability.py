@@ -1,0 +1,85 @@
+"""The ``cuda`` backend refuses GPUs older than the compute capability it is compiled for
+(setup.py: sm_80, sm_90 + compute_90 PTX), and ``auto`` then falls back. No GPU needed:
+torch.cuda's queries are monkeypatched to describe a fake device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyfastpo import backends
+from pyfastpo.backends import cuda_backend
+
+BUILT = cuda_backend._cuda is not None
+needs_extension = pytest.mark.skipif(not BUILT, reason="pyfastpo._cuda was not built (no nvcc at install time)")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A one-GPU machine whose device 0 has the capability/name given to the returned setter."""
+
+    def set_gpu(capability: tuple[int, int], name: str, *, stand_in_extension: bool = False) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        if stand_in_extension and not BUILT:
+            # the capability check never calls into the extension: any non-None module will do
+            monkeypatch.setattr(cuda_backend, "_cuda", object())
+
+    return set_gpu
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_turing_is_refused_with_what_it_needs(fake_gpu, device):
+    fake_gpu((7, 5), "Tesla T4", stand_in_extension=True)
+    reason = cuda_backend.unavailable_reason(torch.device(device))
+    assert reason is not None
+    assert "8.0" in reason and "7.5" in reason and "Tesla T4" in reason and "cuda:0" in reason
+    assert "triton" in reason and "reference" in reason
+
+
+def test_volta_is_refused(fake_gpu):
+    fake_gpu((7, 0), "Tesla V100-SXM2-16GB", stand_in_extension=True)
+    reason = cuda_backend.unavailable_reason(torch.device("cuda:0"))
+    assert reason is not None and "7.0" in reason and "8.0" in reason
+
+
+def test_missing_device_index_is_refused(fake_gpu):
+    fake_gpu((9, 0), "NVIDIA H100 80GB HBM3", stand_in_extension=True)
+    reason = cuda_backend.unavailable_reason(torch.device("cuda:3"))
+    assert reason is not None and "cuda:3" in reason and "1 CUDA device" in reason
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "capability,name",
+    [((8, 0), "NVIDIA A100-SXM4-80GB"), ((8, 6), "NVIDIA GeForce RTX 3090"), ((8, 9), "NVIDIA L4"),
+     ((9, 0), "NVIDIA H100 80GB HBM3"), ((10, 0), "NVIDIA B200")],  # fmt: skip
+)
+def test_ampere_and_newer_are_accepted(fake_gpu, capability, name):
+    fake_gpu(capability, name)
+    assert cuda_backend.unavailable_reason(torch.device("cuda")) is None
+    assert cuda_backend.unavailable_reason(torch.device("cuda:0")) is None
+    assert backends.get_backend("auto", torch.device("cuda:0"), torch.float32) is cuda_backend
+
+
+def test_registry_falls_back_on_an_old_gpu(fake_gpu):
+    fake_gpu((7, 5), "Tesla T4", stand_in_extension=True)
+    device = torch.device("cuda:0")
+    assert "7.5" in backends.unavailable_reason("cuda", device)
+    assert "cuda" not in backends.available_backends(device)
+    chosen = backends.get_backend("auto", device, torch.bfloat16)
+    assert chosen is not cuda_backend and chosen.name in ("triton", "reference")
+    with pytest.raises(ValueError, match=r"compute capability 8\.0.*7\.5 \(Tesla T4\)"):
+        backends.get_backend("cuda", device, torch.bfloat16)
+
+
+def test_cpu_tensors_are_still_refused_before_any_gpu_query(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("no GPU query for CPU tensors")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", boom)
+    reason = cuda_backend.unavailable_reason(torch.device("cpu"))
+    assert reason is not None
