@@ -6,9 +6,11 @@ from typing import NamedTuple
 
 import torch
 
+from .backends import get_backend
 from .losses import PreferenceLossOutput, preference_loss
+from .losses.preference_loss import check_loss_kwargs
 from .sequence_logps import SequenceLogps, sequence_logps
-from .validation import check_pairs
+from .validation import check_logits_labels, check_pairs, check_plain_tensor
 
 
 class FusedPreferenceLossOutput(NamedTuple):
@@ -60,16 +62,30 @@ def fused_preference_loss(
         :class:`FusedPreferenceLossOutput`; its metrics add TRL's
         ``logits/chosen`` and ``logits/rejected``.
     """
-    check_pairs(logits.shape[0] if isinstance(logits, torch.Tensor) and logits.dim() == 3 else 0)
-    if ref_logits is not None and ref_chosen_logps is not None:
-        raise ValueError("give ref_logits or ref_chosen_logps/ref_rejected_logps, not both")
+    # Every argument is checked before the first pass over the logits (on a GPU a
+    # pass over multi-GB logits costs real time before an error would surface).
+    check_logits_labels(logits, labels, ignore_index)
+    check_pairs(logits.shape[0])
+    get_backend(backend, logits.device, logits.dtype)
+    if ref_logits is not None:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("give ref_logits or ref_chosen_logps/ref_rejected_logps, not both")
+        check_plain_tensor("ref_logits", ref_logits)
+        if tuple(ref_logits.shape) != tuple(logits.shape):
+            raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
+        check_logits_labels(ref_logits, labels, ignore_index, name="ref_logits")
+        get_backend(backend, ref_logits.device, ref_logits.dtype)
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, logits.shape[0] // 2, logits.device)
+    filled = ("ref_chosen_entropy", "ref_rejected_entropy") if ref_logits is not None else ()
+    check_loss_kwargs(
+        loss_type, loss_kwargs, num_pairs=logits.shape[0] // 2, device=logits.device,
+        vocab_size=logits.shape[-1], filled=filled,
+    )  # fmt: skip
     policy = sequence_logps(
         logits, labels, ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward
     )
     reference = None
     if ref_logits is not None:
-        if tuple(ref_logits.shape) != tuple(logits.shape):
-            raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
         with torch.no_grad():
             reference = sequence_logps(
                 ref_logits, labels, ignore_index=ignore_index, return_entropy=True, backend=backend
@@ -77,6 +93,20 @@ def fused_preference_loss(
     return _preference_from_stats(
         policy, reference, ref_chosen_logps, ref_rejected_logps, logits.shape[-1], loss_type, loss_kwargs
     )
+
+
+def check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs: int, device: torch.device) -> None:
+    """Precomputed reference log-probs: both or neither, each a ``[num_pairs]`` tensor on ``device``."""
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (num_pairs,):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a tensor of shape [{num_pairs}] (one value per pair), got {got}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to(device)")
 
 
 def _preference_from_stats(

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from .backends import TokenStats, get_backend
-from .fused import FusedPreferenceLossOutput, _preference_from_stats
+from .fused import FusedPreferenceLossOutput, _preference_from_stats, check_reference_logps
+from .losses.preference_loss import check_loss_kwargs
 from .sequence_logps import SequenceLogps, first_order_only, reduce_tokens
-from .validation import FLOAT_DTYPES, check_labels, check_pairs, check_same_device
+from .validation import FLOAT_DTYPES, check_labels, check_pairs, check_plain_tensor, check_same_device
 
 DEFAULT_MEMORY_BUDGET = 256 << 20
 """Bytes of chunk logits held at once when neither chunk_tokens nor a budget is given."""
@@ -110,24 +111,27 @@ class _LinearLogpsFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
-def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden"):
-    if not all(isinstance(x, torch.Tensor) for x in (hidden, weight, labels)):
-        raise ValueError(f"{what}, weight and labels must be torch.Tensors")
+def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden", w_name="weight", b_name="bias"):
+    """Validate one projection's inputs (``what``, ``w_name``, ``b_name`` name them in
+    messages); return the labels as contiguous int64."""
+    for name, x in ((what, hidden), (w_name, weight), ("labels", labels)) + (((b_name, bias),) if bias is not None else ()):
+        check_plain_tensor(name, x)
     if hidden.dim() != 3:
         raise ValueError(f"{what} must have shape [N, T, H], got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(
-            f"weight must have shape [V, H] with H = {what}.shape[-1] = {hidden.shape[2]} "
+            f"{w_name} must have shape [V, H] with H = {what}.shape[-1] = {hidden.shape[2]} "
             f"(the lm_head's weight), got {tuple(weight.shape)}"
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        raise ValueError(f"{b_name} must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, x in ((what, hidden), (w_name, weight), (b_name, bias)):
         if x is not None and x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"{what} ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    for name, x in ((w_name, weight), (b_name, bias)):
+        if x is not None and x.dtype != hidden.dtype:
+            raise ValueError(f"{what} ({hidden.dtype}) and {name} ({x.dtype}) must share a dtype; cast with .to({hidden.dtype})")
+    check_same_device(**{what: hidden, w_name: weight, b_name: bias, "labels": labels})
     return check_labels(labels, tuple(hidden.shape[:2]), weight.shape[0], ignore_index, what)
 
 
@@ -204,18 +208,35 @@ def linear_preference_loss(
     Returns:
         :class:`pyfastpo.FusedPreferenceLossOutput`.
     """
-    check_pairs(hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else 0, "hidden")
-    if ref_hidden is not None and ref_chosen_logps is not None:
-        raise ValueError("give ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
+    # Every argument is checked before the first projection.
+    _check_linear(hidden, weight, bias, labels, ignore_index)
+    check_pairs(hidden.shape[0], "hidden")
+    get_backend(backend, hidden.device, hidden.dtype)
+    _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], hidden.dtype)
+    if ref_hidden is not None:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError("give ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
+        check_plain_tensor("ref_hidden", ref_hidden)
+        if tuple(ref_hidden.shape) != tuple(hidden.shape):
+            raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} must equal hidden shape {tuple(hidden.shape)}")
+        ref_w = weight if ref_weight is None else ref_weight
+        ref_b = bias if ref_weight is None and ref_bias is None else ref_bias
+        check_plain_tensor("ref_weight", ref_w)
+        if ref_w.dim() == 2 and ref_w.shape[0] != weight.shape[0]:
+            raise ValueError(f"ref_weight has {ref_w.shape[0]} rows (V) but weight has {weight.shape[0]}: same vocabulary needed")
+        _check_linear(ref_hidden, ref_w, ref_b, labels, ignore_index, "ref_hidden", "ref_weight", "ref_bias")
+    elif ref_weight is not None or ref_bias is not None:
+        raise ValueError("ref_weight / ref_bias are used only with ref_hidden; pass ref_hidden too, or drop them")
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, hidden.shape[0] // 2, hidden.device)
+    check_loss_kwargs(
+        loss_type, loss_kwargs, num_pairs=hidden.shape[0] // 2, device=hidden.device, vocab_size=weight.shape[0],
+        filled=("ref_chosen_entropy", "ref_rejected_entropy") if ref_hidden is not None else (),
+    )  # fmt: skip
     common = dict(ignore_index=ignore_index, backend=backend, chunk_tokens=chunk_tokens,
                   memory_budget_bytes=memory_budget_bytes)  # fmt: skip
     policy = linear_sequence_logps(hidden, weight, labels, bias=bias, return_entropy=True, **common)
     reference = None
     if ref_hidden is not None:
-        if tuple(ref_hidden.shape) != tuple(hidden.shape):
-            raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} must equal hidden shape {tuple(hidden.shape)}")
-        ref_w = weight if ref_weight is None else ref_weight
-        ref_b = bias if ref_weight is None and ref_bias is None else ref_bias
         with torch.no_grad():
             reference = linear_sequence_logps(
                 ref_hidden.detach(), ref_w.detach(), labels, bias=None if ref_b is None else ref_b.detach(),

@@ -3,33 +3,64 @@ names the argument and says how to fix it; none of them copies the logits."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+# Plain tensor types whose storage the kernels may read through a pointer.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def check_plain_tensor(name: str, x) -> None:
+    """Raise ValueError unless ``x`` is a plain dense tensor with strided storage.
+
+    The compiled backends read memory through raw pointers, so anything else (a
+    tensor subclass such as DTensor, a meta, sparse, nested or quantized tensor)
+    is refused here, before any pointer is taken, instead of crashing the process.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if type(x) not in _PLAIN_TYPES:
+        hint = " (a DTensor: pass x.full_tensor(), or x.to_local() for the local shard)" if "DTensor" in type(x).__name__ else ""
+        raise ValueError(
+            f"{name} is a {type(x).__module__}.{type(x).__name__}, a tensor subclass{hint}; "
+            "pyfastpo takes plain torch.Tensors"
+        )
+    if x.is_nested or x.layout != torch.strided or x.is_quantized:
+        kind = "nested" if x.is_nested else ("quantized" if x.is_quantized else str(x.layout))
+        raise ValueError(f"{name} must be a dense strided tensor, got a {kind} tensor; convert it (e.g. .to_dense())")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (no data); pass a tensor with storage")
+
+
+def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, name: str = "logits") -> torch.Tensor:
     """Validate ``logits [N, T, V]`` and ``labels [N, T]``; return labels as contiguous int64.
 
-    Checks dtype, rank, shapes, devices, unit last stride and that every label is
-    ``ignore_index`` or in ``[0, V)`` (so no kernel ever reads out of bounds).
+    Checks the tensor kind (:func:`check_plain_tensor`), dtype, rank, shapes,
+    devices, unit last stride and that every label is ``ignore_index`` or in
+    ``[0, V)`` (so no kernel ever reads out of bounds). ``name`` names the logits
+    in messages (e.g. ``ref_logits``).
     """
-    if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise ValueError("logits and labels must be torch.Tensors")
+    check_plain_tensor(name, logits)
+    check_plain_tensor("labels", labels)
+    logits_name = name
     if logits.dtype not in FLOAT_DTYPES:
         raise ValueError(
-            f"logits must be a floating tensor (float32, bfloat16, float16 or float64), got {logits.dtype}; "
-            "cast it with logits.float()"
+            f"{logits_name} must be a floating tensor (float32, bfloat16, float16 or float64), got {logits.dtype}; "
+            f"cast it with {logits_name}.float()"
         )
     if logits.dim() != 3:
-        raise ValueError(f"logits must have shape [N, T, V], got {tuple(logits.shape)}")
-    check_same_device(logits=logits, labels=labels)
+        raise ValueError(f"{logits_name} must have shape [N, T, V], got {tuple(logits.shape)}")
+    check_same_device(**{logits_name: logits, "labels": labels})
     if logits.stride(-1) != 1 and logits.numel() > 0:
         raise ValueError(
-            "logits' last dimension must have stride 1 (other strides are free); "
-            "pass logits.contiguous() if it comes from a transpose"
+            f"{logits_name}' last dimension must have stride 1 (other strides are free); "
+            f"pass {logits_name}.contiguous() if it comes from a transpose"
         )
-    return check_labels(labels, tuple(logits.shape[:2]), logits.shape[-1], ignore_index, "logits")
+    return check_labels(labels, tuple(logits.shape[:2]), logits.shape[-1], ignore_index, logits_name)
 
 
 def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: int, against: str) -> torch.Tensor:
@@ -38,6 +69,14 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
     Every label must be ``ignore_index`` or in ``[0, vocab)`` (so no kernel ever
     reads out of bounds). ``against`` names the tensor the shape comes from.
     """
+    check_plain_tensor("labels", labels)
+    try:
+        operator.index(ignore_index)  # int, numpy or torch integer; not a float or a bool
+        ok = not isinstance(ignore_index, bool)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     if labels.dim() != 2:
         raise ValueError(f"labels must have shape [N, T], got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():

@@ -68,7 +68,7 @@ def test_precomputed_reference_equals_reference_logits():
 
 def test_mallows_with_precomputed_reference_needs_entropies():
     logits, _, labels = inputs(3)
-    with pytest.raises(ValueError, match="need a dispersion"):
+    with pytest.raises(ValueError, match="need the reference model.s token entropies"):
         pyfastpo.fused_preference_loss(
             logits, labels, ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2), loss_type="mallows_dpo"
         )

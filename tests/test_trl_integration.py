@@ -243,12 +243,43 @@ def test_fused_linear_refuses_models_with_transformed_logits(attr, value, tokeni
         (dict(loss_type=["sigmoid", "bogus"]), "loss_type"),
         (dict(beta=-1.0), "beta"),
         (dict(loss_type="robust", label_smoothing=0.7), "label_smoothing"),
-        (dict(pyfastpo_backend="gpu"), "pyfastpo_backend"),
+        (dict(pyfastpo_backend="gpu"), "backend"),
+        # Values that would flip the training signal.
+        (dict(beta=float("inf")), "beta"),
+        (dict(bcr_weight=-0.5), "bcr_weight"),
+        (dict(loss_type="mallows_dpo", dispersion_scale=-0.29), "dispersion_scale"),
+        (dict(loss_type="focalpo", focal_gamma=-1.0), "focal_gamma"),
+        (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, -1.0]), "loss_weights"),
+        # Options the chosen loss type never reads, set to a non-default value.
+        (dict(loss_type="sigmoid", label_smoothing=0.1), "label_smoothing.*no effect"),
+        (dict(loss_type="sigmoid", focal_gamma=0.3), "focal_gamma.*no effect"),
+        (dict(loss_type="mallows_dpo", discopop_tau=0.2), "discopop_tau.*no effect"),
+        (dict(bcr_budget=2.0), "bcr_weight"),
     ],
 )
 def test_bad_config_raises(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         config(FastDPOConfig, tmp_path, **overrides)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_unavailable_backend_fails_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="backend='cuda' is not available.*To get it"):
+        config(FastDPOConfig, tmp_path, pyfastpo_backend="cuda")
+
+
+def test_trl_version_is_checked():
+    from pyfastpo.integrations.trl_version import SUPPORTED_TRL, check_trl_version
+
+    check_trl_version(SUPPORTED_TRL[0] + ".0")
+    for version in ("1.12.2", SUPPORTED_TRL[1] + ".0", "2.0.0"):
+        with pytest.raises(ImportError, match=f"supports trl >= {SUPPORTED_TRL[0]}"):
+            check_trl_version(version)
+
+
+def test_label_smoothing_with_mallows_dpo_is_used(tmp_path):
+    """The MallowsPO authors' trainer applies cDPO smoothing to mallows_dpo: accepted, not ignored."""
+    assert config(FastDPOConfig, tmp_path, loss_type="mallows_dpo", label_smoothing=0.1).label_smoothing == 0.1
 
 
 def test_new_loss_types_are_accepted_by_the_config(tmp_path):

@@ -61,9 +61,10 @@ def test_non_unit_last_stride():
 
 def test_mismatched_devices():
     logits, labels = logits_labels()
-    meta_labels = labels.to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        pyfastpo.sequence_logps(logits, labels.to("meta"))
     with pytest.raises(ValueError, match="one device"):
-        pyfastpo.sequence_logps(logits, meta_labels)
+        pyfastpo.sequence_logps(logits.to("meta"), labels)
 
 
 def test_unknown_backend():

@@ -14,7 +14,7 @@ import torch
 
 from .base import KERNEL_DTYPES, TokenStats
 
-__all__ = ["BACKENDS", "TokenStats", "available_backends", "get_backend"]
+__all__ = ["BACKENDS", "TokenStats", "available_backends", "check_backend_available", "get_backend"]
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
 """Every backend name ``sequence_logps`` accepts, besides ``"auto"``."""
@@ -64,6 +64,26 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [n for n in BACKENDS if any(unavailable_reason(n, d) is None for d in devices)]
 
 
+def check_backend_available(name: str, device: torch.device | str | None = None) -> None:
+    """Raise ValueError, saying how to get it, unless backend ``name`` (or ``"auto"``) is
+    known and can run on ``device`` (default: on some device of this machine)."""
+    if name == "auto":
+        return
+    if not isinstance(name, str) or name not in _MODULES:
+        raise ValueError(f"backend={name!r} is unknown; choose one of {('auto',) + BACKENDS}")
+    if device is None:
+        if name in available_backends():
+            return
+        device = torch.device("cuda" if name == "cuda" or torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise ValueError(
+            f"backend={name!r} is not available for {device.type} tensors: {reason}. "
+            f"To get it: {_HOW_TO_GET.get(name, '')}. Available here: {available_backends(device)}"
+        )
+
+
 def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
     """The backend module for ``name`` (or ``"auto"``) on tensors of ``device``/``dtype``.
 
@@ -77,14 +97,7 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleTy
             if unavailable_reason(candidate, device) is None:
                 return _module(candidate)[0]
         return _module("reference")[0]
-    if name not in _MODULES:
-        raise ValueError(f"backend={name!r} is unknown; choose one of {('auto',) + BACKENDS}")
-    reason = unavailable_reason(name, device)
-    if reason is not None:
-        raise ValueError(
-            f"backend={name!r} is not available for {device.type} tensors: {reason}. "
-            f"To get it: {_HOW_TO_GET.get(name, '')}. Available here: {available_backends(device)}"
-        )
+    check_backend_available(name, device)
     if name != "reference" and dtype not in KERNEL_DTYPES:
         raise ValueError(
             f"backend={name!r} takes float32, bfloat16 or float16 logits, not {dtype}; "

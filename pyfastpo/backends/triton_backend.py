@@ -23,7 +23,7 @@ name = "triton"
 def unavailable_reason(device: torch.device) -> str | None:
     """None on CUDA devices, and on CPU under ``TRITON_INTERPRET=1``; else why not."""
     if device.type == "cuda":
-        return None
+        return None if torch.cuda.is_available() else "torch sees no CUDA device"
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return None

@@ -29,6 +29,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+
+from . import trl_version  # noqa: F401  (first: raises ImportError on an unsupported trl, before trl's internals)
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
@@ -37,7 +39,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
-from ..backends import BACKENDS, available_backends
+from ..backends import available_backends, check_backend_available
 from ..losses import LOSS_TYPES, preference_loss
 from ..linear import linear_preference_loss
 from ..losses.pairwise import MALLOWS
@@ -109,8 +111,7 @@ class FastDPOConfig(DPOConfig):
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
         if unknown:
             raise ValueError(f"loss_type {unknown} is unknown; choose from {sorted(LOSS_TYPES)}")
-        if self.pyfastpo_backend not in ("auto", *BACKENDS):
-            raise ValueError(f"pyfastpo_backend={self.pyfastpo_backend!r} is unknown; choose one of {('auto', *BACKENDS)}")
+        check_backend_available(self.pyfastpo_backend)  # unknown or not installed here: how to get it
         super().__post_init__()
         _validate_loss_options(_loss_kwargs(self))
 

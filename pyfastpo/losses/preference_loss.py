@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import inspect
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
 from ..validation import check_same_device
 from .mallows import dispersion_from_entropy
-from .options import check_loss_options
+from .options import OPTION_DEFAULTS, check_loss_options
 from .pairwise import LOSSES, MALLOWS, NEEDS_TOKEN_COUNTS, PairTerms
 
 
@@ -214,3 +215,55 @@ def _mallows_dispersion(dispersion, hc, hr, nc, nr, vocab_size, scale) -> torch.
             "(reference entropies from sequence_logps(ref_logits, labels, return_entropy=True))"
         )
     return dispersion_from_entropy(hc, hr, nc, nr, vocab_size, scale)
+
+
+# The per-pair tensors preference_loss takes besides the policy log-probs.
+_VECTOR_ARGS = (
+    "ref_chosen_logps", "ref_rejected_logps", "chosen_num_tokens", "rejected_num_tokens",
+    "ref_chosen_entropy", "ref_rejected_entropy", "dispersion",
+)  # fmt: skip
+# Scalar options check_loss_options takes under the same names.
+_SCALAR_ARGS = ("loss_weights", "beta", "bcr_weight", "nll_weight", *OPTION_DEFAULTS)
+
+
+def check_loss_kwargs(
+    loss_type, loss_kwargs: dict, *, num_pairs: int, device: torch.device, vocab_size: int | None,
+    filled: Iterable[str] = (),
+) -> None:
+    """Validate the ``loss_type`` and ``**loss_kwargs`` that a fused entry point
+    (``fused_preference_loss``, ``linear_preference_loss``) forwards to
+    :func:`preference_loss`, before any kernel runs.
+
+    Args:
+        loss_kwargs: the keyword arguments as the caller gave them.
+        num_pairs: B; every per-pair tensor must be ``[B]`` on ``device``.
+        vocab_size: V of the logits (the Mallows dispersion needs ``V >= 2``).
+        filled: names of per-pair tensors the entry point computes itself
+            (``ref_chosen_entropy`` ... ); a Mallows loss needs its dispersion
+            from those, from ``dispersion`` or from given entropies.
+    """
+    params = inspect.signature(preference_loss).parameters
+    allowed = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "loss_type")
+    unknown = sorted(set(loss_kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown loss option(s) {unknown}; preference_loss takes {allowed}")
+    scalars = {k: v for k, v in loss_kwargs.items() if k in _SCALAR_ARGS}
+    dispersion = loss_kwargs.get("dispersion")
+    check_loss_options(
+        loss_type, **scalars, dispersion_given=dispersion is not None,
+        vocab_size=loss_kwargs.get("vocab_size", vocab_size),
+    )  # fmt: skip
+    for name in _VECTOR_ARGS:
+        value = loss_kwargs.get(name)
+        _check_vector(name, value, num_pairs)
+        if value is not None and value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to(device)")
+    types = {loss_type} if isinstance(loss_type, str) else set(loss_type)
+    if MALLOWS & types and dispersion is None:
+        have = set(filled) | {k for k in ("ref_chosen_entropy", "ref_rejected_entropy") if loss_kwargs.get(k) is not None}
+        if not {"ref_chosen_entropy", "ref_rejected_entropy"} <= have:
+            raise ValueError(
+                "the Mallows losses need the reference model's token entropies: pass reference logits / hidden "
+                "states (their entropies are computed in the same pass), ref_chosen_entropy and "
+                "ref_rejected_entropy with precomputed reference log-probs, or dispersion="
+            )
