@@ -111,7 +111,10 @@ class FastDPOConfig(DPOConfig):
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
         if unknown:
             raise ValueError(f"loss_type {unknown} is unknown; choose from {sorted(LOSS_TYPES)}")
-        check_backend_available(self.pyfastpo_backend)  # unknown or not installed here: how to get it
+        try:  # unknown, or not installed here: say how to get it now, not at step 1
+            check_backend_available(self.pyfastpo_backend)
+        except ValueError as err:
+            raise ValueError(f"pyfastpo_backend: {err}") from None
         super().__post_init__()
         _validate_loss_options(_loss_kwargs(self))
 
