@@ -318,6 +318,13 @@ def test_mallows_phi_has_no_dpo_parent_but_its_uniform_limit_is_log2():
     torch.testing.assert_close(out.losses, torch.full((3,), math.log(2), dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+def test_nan_dispersion_is_refused():
+    """``dispersion <= 0 or > 1`` let NaN through (every comparison with NaN is False)."""
+    c = torch.randn(3)
+    with pytest.raises(ValueError, match="no NaN"):
+        pyfastpo.preference_loss(c, c, loss_type="mallows_dpo", dispersion=torch.tensor([0.5, float("nan"), 0.5]))
+
+
 def test_option_defaults_match_preference_loss_signature():
     import inspect
 

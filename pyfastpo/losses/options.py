@@ -126,8 +126,9 @@ def check_loss_options(
     if loss_weights is None:
         weights = [1.0] * len(types)
     else:
-        if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
+        if isinstance(loss_weights, (str, bytes)) or not hasattr(loss_weights, "__len__"):
             raise ValueError(f"loss_weights must be a list of numbers, one per loss type, got {loss_weights!r}")
+        loss_weights = list(loss_weights)
         if len(loss_weights) != len(types):
             raise ValueError(
                 f"loss_weights has {len(loss_weights)} entries for {len(types)} loss types; give one per type"

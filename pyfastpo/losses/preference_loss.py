@@ -195,8 +195,8 @@ def preference_loss(
 
 def _mallows_dispersion(dispersion, hc, hr, nc, nr, vocab_size, scale) -> torch.Tensor:
     if dispersion is not None:
-        if bool(((dispersion <= 0) | (dispersion > 1)).any()):
-            raise ValueError("dispersion must lie in (0, 1] (1: uniform preferences)")
+        if not bool(((dispersion > 0) & (dispersion <= 1)).all()):  # written so that NaN is refused too
+            raise ValueError("dispersion must lie in (0, 1] (1: uniform preferences), with no NaN")
         return dispersion
     missing = [
         name
