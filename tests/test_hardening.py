@@ -143,21 +143,21 @@ def test_precision_matches_torch_log_softmax_at_any_offset(backend, device, offs
 # ------------------------------------------------------------ unreadable inputs
 
 
-def _one_process_mesh():
+def _one_process_mesh(tmp_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
-    return init_device_mesh("cpu", (1,))
+    if not dist.is_initialized():  # a file store: no port to collide with a parallel run
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    return init_device_mesh("cpu", (dist.get_world_size(),))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "reference"] + (["triton"] if "triton" in pyfastpo.available_backends("cpu") else []))
-def test_dtensor_is_refused_before_any_pointer(backend):
+def test_dtensor_is_refused_before_any_pointer(backend, tmp_path):
     """Before the fix, a DTensor reached the cpp backend's raw pointers: SIGSEGV."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    mesh = _one_process_mesh()
+    mesh = _one_process_mesh(tmp_path)
     x = distribute_tensor(torch.randn(2, 3, 50), mesh, [Shard(2)])
     y = torch.randint(0, 50, (2, 3))
     with pytest.raises(ValueError, match="DTensor.*full_tensor"):
