@@ -73,7 +73,7 @@ class _LinearLogpsFunction(torch.autograd.Function):
     def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
         with torch.no_grad():
             grads = _LinearLogpsFunction._backward(ctx, grad_logps)
-        return first_order_only(grads, "linear_sequence_logps")
+        return first_order_only(grads, ctx.saved_tensors[:3], "linear_sequence_logps")
 
     @staticmethod
     def _backward(ctx, grad_logps):

@@ -40,22 +40,34 @@ def reduce_tokens(stats: TokenStats, num_tokens: torch.Tensor, vocab: int):
     return stats.logp.sum(dim=1), stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom
 
 
-def first_order_only(grads: tuple, what: str) -> tuple:
-    """Return the gradients a custom backward computed so that a second-order request
-    fails loudly. Under ``create_graph=True`` (grad mode on inside backward) each
-    gradient is routed through a node that raises when differentiated; otherwise
-    it is returned detached: never a tensor still attached to the forward graph
-    (an in-place backward's gradient IS the logits' storage), which autograd would
-    silently differentiate through as if it were the gradient's formula."""
+def first_order_only(grads: tuple, inputs: tuple, what: str) -> tuple:
+    """Return the gradients a custom backward computed so that any second-order use fails loudly.
+
+    Without ``create_graph`` the gradients are returned detached: never a tensor
+    still attached to the forward graph (an in-place backward's gradient IS the
+    logits' storage), which autograd would silently differentiate through.
+    Under ``create_graph=True`` (grad mode on inside backward) each gradient is
+    routed through one node that raises when differentiated and whose edges lead
+    to the op's real ``inputs`` (logits, or hidden states and weights): so a
+    second-order gradient taken by ``backward()``, ``autograd.grad(..., inputs)``,
+    ``hessian`` or ``hvp`` reaches it and raises, instead of silently leaving
+    the second-order term out.
+    """
     grads = tuple(g.detach() if isinstance(g, torch.Tensor) else g for g in grads)
-    if not torch.is_grad_enabled():
+    anchors = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    if not torch.is_grad_enabled() or not anchors:
         return grads
+    present = [i for i, g in enumerate(grads) if g is not None]
     error = torch._C._functions.DelayedError(
         f"pyfastpo: {what} is differentiable once only; a second-order gradient "
-        "(create_graph=True followed by a backward through the gradient) is not supported".encode(),
-        len(grads),
+        "(create_graph=True followed by a gradient of the gradient) is not supported".encode(),
+        len(present) + len(anchors),
     )
-    return error(*(g.requires_grad_() if isinstance(g, torch.Tensor) else g for g in grads))
+    wrapped = error(*(grads[i] for i in present), *anchors)
+    out = list(grads)
+    for i, g in zip(present, wrapped):
+        out[i] = g
+    return tuple(out)
 
 
 class _SequenceLogpsFunction(torch.autograd.Function):
@@ -81,7 +93,7 @@ class _SequenceLogpsFunction(torch.autograd.Function):
         if ctx.inplace:
             # The logits now hold their gradient: make any other saved use of them fail loudly.
             torch.autograd.graph.increment_version(logits)
-        return first_order_only((out, None, None, None, None), "sequence_logps")
+        return first_order_only((out, None, None, None, None), (logits,), "sequence_logps")
 
 
 def _has_internal_overlap(x: torch.Tensor) -> bool:

@@ -36,6 +36,26 @@ def test_second_order_raises_and_first_order_is_right(backend, device, inplace):
         (g**2).sum().backward()
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_second_order_raises_however_it_is_requested(backend, device):
+    """Hessian-vector products, ``hessian`` and gradients w.r.t. an upstream weight must
+    raise too: a dummy error node not connected to the real inputs would be skipped by
+    ``autograd.grad(..., inputs)`` and return a Hessian missing its second-order term."""
+    x = make_logits(2, 3, 5, device=device).requires_grad_()
+    y = make_labels(2, 3, 5, ignore="none", device=device)
+    f = lambda z: pyfastpo.sequence_logps(z * 1.0, y, backend=backend).logps.sum()  # noqa: E731
+    (g,) = torch.autograd.grad(f(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad((g * x).sum(), x)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.functional.hessian(f, x)
+    h = torch.randn(2, 3, 4, device=device, requires_grad=True)
+    w = torch.randn(5, 4, device=device, requires_grad=True)
+    (gh,) = torch.autograd.grad(pyfastpo.sequence_logps(h @ w.t(), y, backend=backend).logps.sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(gh.pow(2).sum(), w)
+
+
 def test_second_order_raises_through_the_fused_and_linear_paths():
     logits = make_logits(4, 3, 9).requires_grad_()
     labels = make_labels(4, 3, 9, ignore="none")
@@ -50,6 +70,9 @@ def test_second_order_raises_through_the_fused_and_linear_paths():
     for grad in (gh, gw):
         with pytest.raises(RuntimeError, match="linear_sequence_logps is differentiable once"):
             (grad**2).sum().backward(retain_graph=True)
+        for wrt in (hidden, weight):
+            with pytest.raises(RuntimeError, match="linear_sequence_logps is differentiable once"):
+                torch.autograd.grad((grad**2).sum(), wrt, retain_graph=True)
 
 
 # ------------------------------------------------------------- undefined rows
