@@ -6,7 +6,7 @@
 // GPU. (A warp per row would only pay off for V below a few thousand, which is
 // not this library's case; small V stays correct, just not tuned.)
 //
-// Each thread keeps an online state {m, s, t, sum_x} (logps_math.h) in
+// Each thread keeps an online state {m, s, t, sum_x, nan} (logps_math.h) in
 // registers, updated once per 16-byte vector (update_k: one re-base per
 // vector, one exp per element); states are merged with __shfl_xor_sync inside a
 // warp, then across warps through shared memory. Reduction order is fixed for
@@ -70,6 +70,7 @@ __device__ __forceinline__ State shfl_merge(State a, int offset) {
   b.s = __shfl_xor_sync(0xffffffffu, a.s, offset);
   b.t = __shfl_xor_sync(0xffffffffu, a.t, offset);
   b.sum_x = __shfl_xor_sync(0xffffffffu, a.sum_x, offset);
+  b.nan = __shfl_xor_sync(0xffffffffu, a.nan, offset);
   return merge(a, b);
 }
 

@@ -19,8 +19,9 @@
 // Special values, without branches: a shift d = x - m is clamped to
 // [PFPO_D_MIN, +inf) before exp, so -inf logits (masked vocabulary entries)
 // and the empty state (m = -inf) contribute exactly 0 instead of 0 * inf = nan;
-// a NaN logit can be dropped by the max and the clamps, but sum_x always
-// carries it. finalize() marks a row UNDEFINED (log s = entropy = NaN, hence NaN
+// a NaN logit can be dropped by the max and the clamps, so the state counts
+// NaNs apart (nan, a select per element; sum_x is no witness: finite logits of
+// 1e35 and -1e35 sum to inf - inf = NaN). finalize() marks a row UNDEFINED (log s = entropy = NaN, hence NaN
 // logp and NaN gradient in every backend) when it holds a NaN, a +inf, or only
 // -inf logits: softmax is not defined there, and a finite number would hide it.
 #pragma once
@@ -106,12 +107,16 @@ PFPO_HD float pfpo_exp(float x) {
 
 // ---------------------------------------------------------------- online state
 // A partial reduction of a row: m = running max, s = sum exp(x - m),
-// t = sum exp(x - m) * (x - m), sum_x = sum x. Empty state: {-inf, 0, 0, 0}.
+// t = sum exp(x - m) * (x - m), sum_x = sum x, nan = number of NaN elements.
+// Empty state: {-inf, 0, 0, 0, 0}.
 struct State {
-  float m, s, t, sum_x;
+  float m, s, t, sum_x, nan;
 };
 
-PFPO_HD State empty_state() { return State{-INFINITY, 0.0f, 0.0f, 0.0f}; }
+PFPO_HD State empty_state() { return State{-INFINITY, 0.0f, 0.0f, 0.0f, 0.0f}; }
+
+// 1 for a NaN element, else 0 (a select: vectorizes, counts exactly up to 2^24).
+PFPO_HD float is_nan(float x) { return (x != x) ? 1.0f : 0.0f; }
 
 // Re-base a state from its max to a larger max m_new (in place).
 PFPO_HD void rebase(float& m, float& s, float& t, float m_new) {
@@ -136,6 +141,7 @@ PFPO_HD void update(State& st, float x) {
   rebase(st.m, st.s, st.t, pfpo_max(st.m, x));
   accumulate_at_max(st.m, st.s, st.t, x);
   st.sum_x += x;
+  st.nan += is_nan(x);
 }
 
 // Add K elements with a single re-base (what a GPU thread does per vector load).
@@ -149,6 +155,7 @@ PFPO_UNROLL
   for (int k = 0; k < K; ++k) {
     accumulate_at_max(st.m, st.s, st.t, x[k]);
     st.sum_x += x[k];
+    st.nan += is_nan(x[k]);
   }
 }
 
@@ -157,7 +164,7 @@ PFPO_HD State merge(State a, State b) {
   float m = pfpo_max(a.m, b.m);
   rebase(a.m, a.s, a.t, m);
   rebase(b.m, b.s, b.t, m);
-  return State{m, a.s + b.s, a.t + b.t, a.sum_x + b.sum_x};
+  return State{m, a.s + b.s, a.t + b.t, a.sum_x + b.sum_x, a.nan + b.nan};
 }
 
 struct Stats {
@@ -165,13 +172,13 @@ struct Stats {
 };
 
 // log s and entropy = log s - t / s (nats), once per row, off the hot loop.
-// An undefined row (a NaN logit, which may have been dropped by the max or the
-// shift clamp but always reaches sum_x; a +inf logit, m = +inf; or every logit
-// -inf, m = -inf) gets log s = entropy = NaN, so logp = (x_y - m) - log s is NaN.
+// An undefined row (a NaN logit, counted in nan; a +inf logit, m = +inf, which
+// the max finds exactly when no NaN is present; or every logit -inf, m = -inf)
+// gets log s = entropy = NaN, so logp = (x_y - m) - log s is NaN.
 PFPO_HD Stats finalize(State st) {
   float log_s = logf(st.s);
   Stats r{log_s, log_s - st.t / st.s};
-  const bool defined = (st.sum_x == st.sum_x) && (st.m > -INFINITY) && (st.m < INFINITY);
+  const bool defined = (st.nan == 0.0f) && (st.m > -INFINITY) && (st.m < INFINITY);
   if (!defined) r.log_s = r.entropy = NAN;
   return r;
 }

@@ -355,3 +355,16 @@ def test_option_defaults_match_preference_loss_signature():
 
     params = inspect.signature(pyfastpo.preference_loss).parameters
     assert {k: params[k].default for k in OPTION_DEFAULTS} == OPTION_DEFAULTS
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_huge_finite_logits_of_both_signs_are_defined(backend, device):
+    """Finite logits of +-1e35 sum to inf - inf = NaN: that sum must not mark the row undefined."""
+    v = 4096
+    x = torch.empty(v)
+    x[0::2], x[1::2] = 1e35, -1e35
+    logits = x.view(1, 1, v).repeat(2, 1, 1).to(device)
+    labels = torch.zeros(2, 1, dtype=torch.long, device=device)
+    out = pyfastpo.sequence_logps(logits, labels, backend=backend, return_entropy=True)
+    torch.testing.assert_close(out.logps.cpu(), torch.full((2,), -math.log(v / 2)))
+    torch.testing.assert_close(out.entropy.cpu(), torch.full((2,), math.log(v / 2)))
