@@ -8,6 +8,7 @@ import torch
 
 from .backends import get_backend
 from .losses import PreferenceLossOutput, preference_loss
+from .losses.pairwise import MALLOWS
 from .losses.preference_loss import check_loss_kwargs
 from .sequence_logps import SequenceLogps, sequence_logps
 from .validation import check_logits_labels, check_pairs, check_plain_tensor
@@ -105,6 +106,8 @@ def check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs: int, 
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != (num_pairs,):
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ValueError(f"{name} must be a tensor of shape [{num_pairs}] (one value per pair), got {got}")
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor (log-probabilities), got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to(device)")
 
@@ -122,16 +125,15 @@ def _preference_from_stats(
     the reference: splits chosen/rejected halves, fills token counts, reference
     entropies and ``vocab_size`` in for the losses, adds TRL's ``logits/*`` metrics."""
     loss_kwargs = dict(loss_kwargs)
+    types = {loss_type} if isinstance(loss_type, str) else set(loss_type)
     if reference is not None:
         ref_chosen_logps, ref_rejected_logps = reference.logps.chunk(2)
-        if reference.entropy is not None:
-            loss_kwargs.setdefault("ref_chosen_entropy", reference.entropy.chunk(2)[0])
-            loss_kwargs.setdefault("ref_rejected_entropy", reference.entropy.chunk(2)[1])
+        if reference.entropy is not None and MALLOWS & types:
+            loss_kwargs["ref_chosen_entropy"], loss_kwargs["ref_rejected_entropy"] = reference.entropy.chunk(2)
     chosen_logps, rejected_logps = policy.logps.chunk(2)
     nc, nr = policy.num_tokens.chunk(2)
-    loss_kwargs.setdefault("chosen_num_tokens", nc)
-    loss_kwargs.setdefault("rejected_num_tokens", nr)
-    loss_kwargs.setdefault("vocab_size", vocab_size)
+    # Computed here; the entry points refuse them as user arguments (check_loss_kwargs).
+    loss_kwargs.update(chosen_num_tokens=nc, rejected_num_tokens=nr, vocab_size=vocab_size)
     out: PreferenceLossOutput = preference_loss(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_type, **loss_kwargs
     )

@@ -12,6 +12,8 @@ weight-gradient accumulator when the weight trains), independent of ``N * T``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backends import TokenStats, get_backend
@@ -24,14 +26,19 @@ DEFAULT_MEMORY_BUDGET = 256 << 20
 """Bytes of chunk logits held at once when neither chunk_tokens nor a budget is given."""
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1 (an integer, or a float with an integral value), else ValueError."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or value != int(value) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def _chunk_tokens(chunk_tokens, memory_budget_bytes, vocab: int, dtype: torch.dtype) -> int:
+    """Valid tokens projected per chunk: ``chunk_tokens``, or as many as ``memory_budget_bytes`` holds."""
     if chunk_tokens is not None:
-        if int(chunk_tokens) < 1:
-            raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
-        return int(chunk_tokens)
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else int(memory_budget_bytes)
-    if budget < 1:
-        raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes}")
+        return _positive_int("chunk_tokens", chunk_tokens)
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else _positive_int("memory_budget_bytes", memory_budget_bytes)
     # A chunk costs its logits plus, in the backends, at most float32 temporaries of the same size.
     per_token = vocab * (torch.empty((), dtype=dtype).element_size() + 4)
     return max(1, budget // per_token)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .backends import TokenStats, get_backend
-from .validation import check_logits_labels
+from .validation import check_flags, check_logits_labels
 
 
 class SequenceLogps(NamedTuple):
@@ -146,8 +146,9 @@ def sequence_logps(
         :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``.
     """
     labels = check_logits_labels(logits, labels, ignore_index)
+    check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward)
     impl = get_backend(backend, logits.device, logits.dtype)
-    inplace = bool(inplace_backward) and can_overwrite(logits)
+    inplace = inplace_backward and can_overwrite(logits)
     logps, num_tokens, entropy, mean_logits = _SequenceLogpsFunction.apply(
         logits, labels, int(ignore_index), impl, inplace
     )

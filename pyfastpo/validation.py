@@ -34,6 +34,8 @@ def check_plain_tensor(name: str, x) -> None:
         raise ValueError(f"{name} must be a dense strided tensor, got a {kind} tensor; convert it (e.g. .to_dense())")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (no data); pass a tensor with storage")
+    if x.is_neg() or x.is_conj():  # lazy views: the memory holds the un-negated values
+        raise ValueError(f"{name} is a lazy negated/conjugated view; pass {name}.resolve_neg().resolve_conj()")
 
 
 def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, name: str = "logits") -> torch.Tensor:
@@ -71,8 +73,8 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
     """
     check_plain_tensor("labels", labels)
     try:
-        operator.index(ignore_index)  # int, numpy or torch integer; not a float or a bool
-        ok = not isinstance(ignore_index, bool)
+        value = operator.index(ignore_index)  # int, numpy or torch integer; not a float or a bool
+        ok = not isinstance(ignore_index, bool) and -(2**63) <= value < 2**63  # the kernels compare int64
     except TypeError:
         ok = False
     if not ok:
@@ -97,6 +99,13 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
             f"labels{first} = {int(labels[tuple(first)])}. Mask padding and prompt tokens with ignore_index"
         )
     return labels
+
+
+def check_flags(**flags) -> None:
+    """Raise ValueError unless every flag is a bool (``"no"`` would be truthy and switch it on)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

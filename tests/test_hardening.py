@@ -258,6 +258,26 @@ FUSED_BAD = [
     (lambda x, y: dict(bogus_option=1), "unknown loss option"),
     (lambda x, y: dict(backend="fast"), "unknown"),
     (lambda x, y: dict(ignore_index=1.5), "ignore_index"),
+    (lambda x, y: dict(ignore_index=2**70), "ignore_index"),
+    # Found by review: dispersion checked only after the pass; computed values silently overridden;
+    # options read by no chosen loss; truthy strings; exo_pair smoothing that prefers the rejected answer.
+    (lambda x, y: dict(loss_type="mallows_dpo", dispersion=torch.full((2,), 2.0)), "dispersion must lie"),
+    (lambda x, y: dict(loss_type="mallows_dpo", dispersion=torch.full((2,), float("nan"))), "dispersion must lie"),
+    (lambda x, y: dict(loss_type="ipo", chosen_num_tokens=torch.ones(2)), "computed"),
+    (lambda x, y: dict(vocab_size=3), "computed"),
+    (lambda x, y: dict(loss_type="mallows_dpo", ref_logits=torch.randn(4, 5, 13), ref_chosen_entropy=torch.ones(2),
+                       ref_rejected_entropy=torch.ones(2)), "computed"),
+    (lambda x, y: dict(dispersion=torch.full((2,), 0.5)), "no effect"),
+    (lambda x, y: dict(ref_chosen_entropy=torch.ones(2), ref_rejected_entropy=torch.ones(2)), "no effect"),
+    (lambda x, y: dict(loss_type="focalpo", gamma=0.1, focal_gamma=0.7), "not both"),
+    (lambda x, y: dict(loss_type="focalpo", focal_detach="no"), "focal_detach must be True or False"),
+    (lambda x, y: dict(bcr_weight=1.0, bcr_per_token="false"), "bcr_per_token must be True or False"),
+    (lambda x, y: dict(inplace_backward="no"), "inplace_backward must be True or False"),
+    (lambda x, y: dict(beta=True), "beta"),
+    (lambda x, y: dict(loss_type="exo_pair", label_smoothing=0.9), "label_smoothing"),
+    (lambda x, y: dict(ref_chosen_logps=torch.zeros(2, dtype=torch.bool), ref_rejected_logps=torch.zeros(2)),
+     "floating"),
+    (lambda x, y: dict(ref_logits=torch._neg_view(torch.randn(4, 5, 13))), "negated"),
 ]
 
 
@@ -289,6 +309,8 @@ LINEAR_BAD = [
     (dict(bias=torch.randn(13, dtype=torch.float64)), "must share a dtype"),
     (dict(ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2), loss_type="mallows_ipo"), "entropies"),
     (dict(chunk_tokens=0), "chunk_tokens"),
+    (dict(memory_budget_bytes=float("inf")), "memory_budget_bytes"),
+    (dict(chunk_tokens=2.5), "chunk_tokens"),
     (dict(label_smoothing=0.2), "no effect"),
 ]
 

@@ -283,9 +283,11 @@ def test_reference_free_defaults_to_zero():
 
 def test_gamma_shorthand():
     x = batch(9)
-    a, _, _ = ours("focalpo", x, gamma=0.3, focal_gamma=99)
+    a, _, _ = ours("focalpo", x, gamma=0.3, focal_gamma=0.05)  # focal_gamma at its default
     b, _, _ = ours("focalpo", x, focal_gamma=0.3)
     torch.testing.assert_close(a.losses, b.losses)
+    with pytest.raises(ValueError, match="not both"):
+        ours("focalpo", x, gamma=0.3, focal_gamma=99)
     with pytest.raises(ValueError, match="ambiguous"):
         ours(["focalpo", "simpo"], x, gamma=0.3)
 

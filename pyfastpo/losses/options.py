@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..validation import check_flags
 from .pairwise import LOSSES, MALLOWS
 
 OPTION_DEFAULTS = {
@@ -83,8 +84,10 @@ def _number(name: str, value, *, low: float | None = None, strict: bool = False,
     hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
     rng = f"{lo or '(-inf'}, {hi or 'inf)'}"
     try:
+        if isinstance(value, bool):  # True would silently read as 1.0
+            raise TypeError
         x = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"{name} must be a number in {rng}, got {value!r}") from None
     ok = math.isfinite(x)
     ok = ok and (low is None or (x > low if strict else x >= low))
@@ -144,8 +147,12 @@ def check_loss_options(
             f"label_smoothing must lie in [0, 0.5) for {sorted(_FLIP_RATE & set(types))} (a label-flip rate; "
             f"0.5 carries no signal, more reverses it), got {label_smoothing}"
         )
-    if "exo_pair" in types and not 0 < label_smoothing < 1:
-        raise ValueError(f"label_smoothing must lie in (0, 1) for 'exo_pair' (EXO suggests 1e-3), got {label_smoothing}")
+    if "exo_pair" in types and not 0 < label_smoothing < 0.5:
+        raise ValueError(
+            f"label_smoothing must lie in (0, 0.5) for 'exo_pair' (EXO suggests 1e-3; at 0.5 or more the loss "
+            f"prefers the rejected answer), got {label_smoothing}"
+        )
+    check_flags(focal_detach=focal_detach, bcr_per_token=bcr_per_token)
 
     values = dict(
         label_smoothing=label_smoothing, gamma=gamma, focal_gamma=focal_gamma, focal_detach=focal_detach,
@@ -160,6 +167,9 @@ def check_loss_options(
     if gamma is not None:
         if "focalpo" in types and "simpo" in types:
             raise ValueError("gamma is ambiguous with both 'focalpo' and 'simpo': pass focal_gamma and simpo_gamma")
+        for name in ("focal_gamma", "simpo_gamma"):
+            if values[name] != OPTION_DEFAULTS[name]:
+                raise ValueError(f"gamma is a shorthand for {name}: pass one of them, not both")
         focal_gamma = gamma if "focalpo" in types else focal_gamma
         simpo_gamma = gamma if "simpo" in types else simpo_gamma
     name = "gamma" if gamma is not None else None

@@ -99,7 +99,10 @@ def preference_loss(
 
     Options are checked before anything is computed (see
     :mod:`pyfastpo.losses.options`): out-of-range values, values that would flip
-    the training signal and options the chosen loss types never read raise ValueError.
+    the training signal and scalar options the chosen loss types never read raise
+    ValueError. Per-pair data the chosen types do not read (token counts,
+    reference entropies, ``dispersion``, ``vocab_size``) is accepted, so that one
+    call site can serve every loss type; the fused entry points refuse it.
 
     Returns:
         :class:`PreferenceLossOutput`.
@@ -193,10 +196,15 @@ def preference_loss(
     return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)
 
 
+def check_dispersion(dispersion: torch.Tensor) -> None:
+    """A given Mallows dispersion ``[B]`` must lie in (0, 1] (NaN refused too)."""
+    if not bool(((dispersion > 0) & (dispersion <= 1)).all()):  # written so that NaN fails the test
+        raise ValueError("dispersion must lie in (0, 1] (1: uniform preferences), with no NaN")
+
+
 def _mallows_dispersion(dispersion, hc, hr, nc, nr, vocab_size, scale) -> torch.Tensor:
     if dispersion is not None:
-        if not bool(((dispersion > 0) & (dispersion <= 1)).all()):  # written so that NaN is refused too
-            raise ValueError("dispersion must lie in (0, 1] (1: uniform preferences), with no NaN")
+        check_dispersion(dispersion)
         return dispersion
     missing = [
         name
@@ -247,6 +255,9 @@ def check_loss_kwargs(
     unknown = sorted(set(loss_kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"unknown loss option(s) {unknown}; preference_loss takes {allowed}")
+    computed = sorted(set(loss_kwargs) & ({"chosen_num_tokens", "rejected_num_tokens", "vocab_size"} | set(filled)))
+    if computed:
+        raise ValueError(f"{computed} are computed from the labels and logits here; do not pass them")
     scalars = {k: v for k, v in loss_kwargs.items() if k in _SCALAR_ARGS}
     dispersion = loss_kwargs.get("dispersion")
     check_loss_options(
@@ -258,7 +269,13 @@ def check_loss_kwargs(
         _check_vector(name, value, num_pairs)
         if value is not None and value.device != device:
             raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to(device)")
+    if dispersion is not None:
+        check_dispersion(dispersion)
     types = {loss_type} if isinstance(loss_type, str) else set(loss_type)
+    if not MALLOWS & types:
+        unread = [k for k in ("dispersion", "ref_chosen_entropy", "ref_rejected_entropy") if loss_kwargs.get(k) is not None]
+        if unread:
+            raise ValueError(f"{unread} have no effect with loss_type {sorted(types)}: only {sorted(MALLOWS)} read them")
     if MALLOWS & types and dispersion is None:
         have = set(filled) | {k for k in ("ref_chosen_entropy", "ref_rejected_entropy") if loss_kwargs.get(k) is not None}
         if not {"ref_chosen_entropy", "ref_rejected_entropy"} <= have:
