@@ -8,6 +8,11 @@ Backward recomputes each chunk's logits, turns them into their gradient ``G`` in
 place, then ``grad_hidden[chunk] = G @ W`` and ``grad_weight += G^T @ h`` in a
 float32 accumulator. Peak extra memory is one chunk's logits (plus the float32
 weight-gradient accumulator when the weight trains), independent of ``N * T``.
+
+Mixed precision: under ``torch.autocast`` the projection runs in autocast's dtype,
+explicitly, in the forward and in the backward's recompute alike (autograd runs a
+backward outside autocast; a float32 recompute against a bf16 forward's statistics
+would cost ten times torch's gradient error).
 """
 
 from __future__ import annotations
@@ -44,41 +49,60 @@ def _chunk_tokens(chunk_tokens, memory_budget_bytes, vocab: int, dtype: torch.dt
     return max(1, budget // per_token)
 
 
+def projection_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the lm_head matmul runs in: autocast's dtype when autocast is on for
+    ``device_type`` (what ``hidden @ weight.T`` would give under it; float64 is left
+    alone), else ``dtype``. Forward and backward both project in it explicitly, so the
+    backward's recomputed logits are bit-identical to the forward's even though
+    autograd runs the backward outside autocast."""
+    if dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Chunk logits ``[C, 1, V]``: each token is its own length-1 "sequence", so the
-    backends' per-sequence gradient scale becomes a per-token one."""
+    """Chunk logits ``[C, 1, V]`` from operands already in the projection dtype: each token
+    is its own length-1 "sequence", so the backends' per-sequence gradient scale becomes
+    a per-token one."""
     logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
     return logits.unsqueeze(1)
 
 
+def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
 class _LinearLogpsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, backend, chunk):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, backend, chunk, proj):
         n, t, _ = hidden.shape
         vocab = weight.shape[0]
         n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
         cdtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
         # Per-token stats of valid tokens, in gather order (TokenStats' fields).
         stats = torch.zeros(len(TokenStats._fields), n_idx.numel(), dtype=cdtype, device=hidden.device)
-        for start in range(0, n_idx.numel(), chunk):
-            rows = slice(start, start + chunk)
-            logits = _project(hidden[n_idx[rows], t_idx[rows]], weight, bias)
-            out = backend.forward(logits, labels[n_idx[rows], t_idx[rows]][:, None], ignore_index)
-            for i, s in enumerate(out):
-                stats[i, rows] = s.squeeze(1)
-            del logits, out
+        with torch.autocast(hidden.device.type, enabled=False):  # projected in `proj`, explicitly
+            w, b = _cast(weight, proj), _cast(bias, proj)
+            for start in range(0, n_idx.numel(), chunk):
+                rows = slice(start, start + chunk)
+                logits = _project(hidden[n_idx[rows], t_idx[rows]].to(proj), w, b)
+                out = backend.forward(logits, labels[n_idx[rows], t_idx[rows]][:, None], ignore_index)
+                for i, s in enumerate(out):
+                    stats[i, rows] = s.squeeze(1)
+                del logits, out
+            del w, b
         per_seq = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=hidden.device)
         per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
         num_tokens = (labels != ignore_index).sum(dim=1)
         logps, entropy, mean_logits = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab)
         ctx.save_for_backward(hidden, weight, bias, labels, n_idx, t_idx, stats[1].clone(), stats[2].clone())
-        ctx.backend, ctx.chunk, ctx.ignore_index = backend, chunk, ignore_index
+        ctx.backend, ctx.chunk, ctx.ignore_index, ctx.proj = backend, chunk, ignore_index, proj
         ctx.mark_non_differentiable(num_tokens, entropy, mean_logits)
         return logps, num_tokens, entropy, mean_logits
 
     @staticmethod
     def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
             grads = _LinearLogpsFunction._backward(ctx, grad_logps)
         return first_order_only(grads, ctx.saved_tensors[:3], "linear_sequence_logps")
 
@@ -91,16 +115,18 @@ class _LinearLogpsFunction(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         g_tok = grad_logps.to(acc)[n_idx]
+        # The forward's projection, recomputed in the same dtype (autocast's when it was on).
+        w, b = _cast(weight, ctx.proj), _cast(bias, ctx.proj)
         for start in range(0, n_idx.numel(), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            h = hidden[n_idx[rows], t_idx[rows]]
-            logits = _project(h, weight, bias)
+            h = hidden[n_idx[rows], t_idx[rows]].to(ctx.proj)
+            logits = _project(h, w, b)
             y = labels[n_idx[rows], t_idx[rows]][:, None]
             stat = (row_max[rows][:, None], log_sum[rows][:, None])
             ctx.backend.backward(logits, y, *stat, g_tok[rows].contiguous(), ctx.ignore_index, logits)
             grad_logits = logits.squeeze(1)  # [C, V], now dLoss/dlogits, in the logits' dtype
             if need_h:
-                grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ weight).to(hidden.dtype)
+                grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ w).to(hidden.dtype)
             if need_w:
                 if grad_logits.dtype == acc or not grad_logits.is_cuda:
                     # In place, no [V, H] temporary per chunk; the float32 copy of a
@@ -115,7 +141,7 @@ class _LinearLogpsFunction(torch.autograd.Function):
             del logits, grad_logits
         grad_weight = grad_weight.to(weight.dtype) if need_w else None
         grad_bias = grad_bias.to(bias.dtype) if need_b else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden", w_name="weight", b_name="bias"):
@@ -171,11 +197,11 @@ def linear_sequence_logps(
         ``hidden``, ``weight`` and ``bias``.
     """
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    impl = get_backend(backend, hidden.device, dtype)
-    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], dtype)
+    proj = projection_dtype(hidden.device.type, hidden.dtype)
+    impl = get_backend(backend, hidden.device, proj)
+    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj)
     logps, num_tokens, entropy, mean_logits = _LinearLogpsFunction.apply(
-        hidden, weight, bias, labels, int(ignore_index), impl, chunk
+        hidden, weight, bias, labels, int(ignore_index), impl, chunk, proj
     )
     return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)
 
@@ -218,8 +244,9 @@ def linear_preference_loss(
     # Every argument is checked before the first projection.
     _check_linear(hidden, weight, bias, labels, ignore_index)
     check_pairs(hidden.shape[0], "hidden")
-    get_backend(backend, hidden.device, hidden.dtype)
-    _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], hidden.dtype)
+    proj = projection_dtype(hidden.device.type, hidden.dtype)
+    get_backend(backend, hidden.device, proj)
+    _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj)
     if ref_hidden is not None:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("give ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")

@@ -260,10 +260,7 @@ def check_loss_kwargs(
         raise ValueError(f"{computed} are computed from the labels and logits here; do not pass them")
     scalars = {k: v for k, v in loss_kwargs.items() if k in _SCALAR_ARGS}
     dispersion = loss_kwargs.get("dispersion")
-    check_loss_options(
-        loss_type, **scalars, dispersion_given=dispersion is not None,
-        vocab_size=loss_kwargs.get("vocab_size", vocab_size),
-    )  # fmt: skip
+    check_loss_options(loss_type, **scalars, dispersion_given=dispersion is not None, vocab_size=vocab_size)
     for name in _VECTOR_ARGS:
         value = loss_kwargs.get(name)
         _check_vector(name, value, num_pairs)
