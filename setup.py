@@ -76,7 +76,7 @@ class BuildExt(build_ext):
 ext_modules = [
     Pybind11Extension(
         "pyfastpo._C",
-        ["csrc/bind_cpu.cpp", "csrc/cpu_logps.cpp"],
+        ["csrc/bind_cpu.cpp", "csrc/cpu_logps.cpp", "csrc/device_emulation.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=CPU_FLAGS,

@@ -3,8 +3,10 @@
 // neither links against torch nor depends on its C++ ABI. The GIL is released
 // around the kernels.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "cpu_logps.h"
+#include "device_emulation.h"
 
 namespace py = pybind11;
 
@@ -30,4 +32,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("n"), "Test hook: n float32 values -> dtype (RNE).");
   m.def("exp", &pfpo::cpu_exp, release(), py::arg("src"), py::arg("dst"), py::arg("n"),
         "Test hook: the vectorizable host exp on n float32 values.");
+  m.def("device_exp", &pfpo::device_exp, release(), py::arg("src"), py::arg("dst"), py::arg("n"),
+        "Test hook: the CUDA kernels' exp (flushed_expf), run on the host.");
+  m.def("emulate_device_forward", &pfpo::emulate_device_forward, release(), py::arg("row"), py::arg("V"),
+        py::arg("y"), py::arg("threads"), py::arg("vec"),
+        "Test hook: the CUDA forward on one float32 row, replayed on the host -> [logp, m, log s, entropy, sum_x].");
+  m.def("emulate_device_backward", &pfpo::emulate_device_backward, release(), py::arg("row"), py::arg("V"),
+        py::arg("y"), py::arg("m"), py::arg("log_s"), py::arg("g"), py::arg("out"),
+        "Test hook: the CUDA backward on one float32 row, replayed on the host.");
 }

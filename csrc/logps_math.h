@@ -40,8 +40,8 @@
 
 namespace pfpo {
 
-// Shifts below this are treated as exp(d) == 0 (exp(-88) already underflows
-// float32; on the host pfpo_exp returns exactly 0 there).
+// Shifts below this are treated as exp(d) == 0 (pfpo_exp returns exactly 0
+// below PFPO_EXP_LO on host and device alike).
 constexpr float PFPO_D_MIN = -100.0f;
 
 // ---------------------------------------------------------------- bit casts
@@ -70,18 +70,28 @@ PFPO_HD float pfpo_max(float m, float x) { return (x <= m) ? m : x; }
 // Clamp a shift d = x - m (<= 0) so that exp and d * exp(d) stay finite; NaN -> PFPO_D_MIN.
 PFPO_HD float clamp_shift(float d) { return (d > PFPO_D_MIN) ? d : PFPO_D_MIN; }
 
-// exp(x) in float32. On the device: expf (memory-bound kernels; accuracy over
-// speed). On the host: a branch-free Cephes-style polynomial that GCC
+// The one exp rule of host and device: below PFPO_EXP_LO, where float32's
+// exp would be subnormal (expf(-100) = 3.8e-44), the result is exactly 0;
+// NaN gives 0 too (a NaN logit is tracked by the state's NaN count). Host and
+// device thus agree on every row, masked (-inf) and clamped entries included.
+constexpr float PFPO_EXP_LO = -87.33654f;  // ~ log(FLT_MIN): n = round(x / ln2) >= -126
+
+// The device exp: expf with the rule above (also compiled on the host to
+// emulate the device in tests: csrc/device_emulation.cpp).
+PFPO_HD float flushed_expf(float x) { return (x >= PFPO_EXP_LO) ? expf(x) : 0.0f; }
+
+// exp(x) in float32. On the device: flushed_expf (memory-bound kernels;
+// accuracy over speed). On the host: a branch-free Cephes-style polynomial that GCC
 // vectorizes (libm's expf call does not): round x/ln2 to n with the 1.5*2^23
 // trick, reduce r = x - n ln2 (ln2 split in two for exactness), degree-6
 // polynomial on |r| <= ln2/2, scale by 2^n through the exponent bits.
 // Max relative error ~2 ulp on [-87.3, 88] (saturates above 88) (tests/test_cpp_backend.py);
-// returns exactly 0 below -87.3 (never a denormal) and for NaN.
+// returns exactly 0 below PFPO_EXP_LO (never a subnormal) and for NaN.
 PFPO_HD float pfpo_exp(float x) {
-#ifdef __CUDA_ARCH__
-  return expf(x);
+#if defined(__CUDA_ARCH__) || defined(PFPO_EMULATE_DEVICE)
+  return flushed_expf(x);
 #else
-  const float lo = -87.33654f, hi = 88.0f;  // n = round(x / ln2) in [-126, 127]
+  const float lo = PFPO_EXP_LO, hi = 88.0f;  // n = round(x / ln2) in [-126, 127]
   float xc = (x < lo) ? lo : x;
   xc = (xc > hi) ? hi : xc;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer

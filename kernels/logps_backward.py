@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .config import launch_config
+from .flushed_exp import flushed_exp
 
 
 @triton.jit
@@ -61,10 +62,11 @@ def _logps_backward_kernel(
         offs = start + cols
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        p = tl.exp((x - m) - log_s)
+        p = flushed_exp((x - m) - log_s)
         # At the target, g * (1 - p) in float32: forming -g * p first and adding g
         # after a cast to bf16/fp16 would cancel catastrophically when p ~ 1.
         grad = tl.where(offs == label, g * (1.0 - p), -g * p)
+        grad = tl.where(log_s != log_s, log_s, grad)  # undefined row: NaN everywhere
         tl.store(out_row + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 

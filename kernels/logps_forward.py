@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from .config import launch_config
+from .flushed_exp import flushed_exp
 
 
 @triton.jit
@@ -86,10 +87,10 @@ def _logps_forward_kernel(
         # relative to m, sum e_old * alpha * (x - m_new) = alpha * (u + (m - m_new) * s).
         # While m == -inf every lane of s is 0 and alpha is 0: the shift is then
         # taken as 0 (never -inf * 0).
-        alpha = tl.exp(m - m_safe)
+        alpha = flushed_exp(m - m_safe)
         shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
         d = x - m_safe
-        e = tl.exp(d)
+        e = flushed_exp(d)
         # e == 0 where x == -inf (masked or genuinely -inf): add 0, not 0 * -inf.
         u = alpha * (u + shift * s) + e * tl.where(e > 0.0, d, 0.0)
         s = alpha * s + e

@@ -1,0 +1,87 @@
+// pyfastpo: the CUDA kernels' per-row algorithm run on the host, for tests.
+//
+// No GPU runs in CI, so this file compiles the shared math header the way the
+// device sees it (PFPO_EMULATE_DEVICE: pfpo_exp is the device's flushed_expf,
+// not the host polynomial) and replays cuda_logps.cu's forward for one row:
+// each of `threads` threads folds its strided 16-byte vectors with update_k
+// (then the scalar tail with update), lanes merge by the xor-shuffle tree of
+// warp_reduce, warps through the shared-memory step of block_reduce, thread 0
+// finalizes. Same order of operations, so same special-value behaviour.
+//
+// The namespace is renamed: the header's inline functions differ from the
+// host build's (another pfpo_exp), and two definitions under one name would
+// break the one-definition rule (the linker could pick either).
+#define PFPO_EMULATE_DEVICE 1
+#define pfpo pfpo_device_emulation
+#include "logps_math.h"
+#undef pfpo
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "device_emulation.h"
+
+namespace pfpo {
+
+namespace dev = pfpo_device_emulation;
+
+namespace {
+
+dev::State warp_reduce(std::vector<dev::State> lanes) {  // 32 lanes, xor butterfly as __shfl_xor_sync
+  for (int off = 16; off > 0; off >>= 1) {
+    std::vector<dev::State> next(32);
+    for (int l = 0; l < 32; ++l) next[l] = dev::merge(lanes[l], lanes[l ^ off]);
+    lanes.swap(next);
+  }
+  return lanes[0];
+}
+
+}  // namespace
+
+std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t y, int threads, int vec) {
+  if (threads < 32 || threads % 32 || threads > 1024) throw std::invalid_argument("threads: a multiple of 32 in [32, 1024]");
+  if (vec != 0 && vec != 4) throw std::invalid_argument("vec: 0 (scalar kernel) or 4 (float32 16-byte vectors)");
+  const float* row = reinterpret_cast<const float*>(row_ptr);
+  std::vector<dev::State> st(threads, dev::empty_state());
+  int64_t done = 0;
+  if (vec == 4) {
+    const int64_t nvec = V / 4;
+    for (int tid = 0; tid < threads; ++tid)
+      for (int64_t i = tid; i < nvec; i += threads) {
+        const float x[4] = {row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]};
+        dev::update_k<4>(st[tid], x);
+      }
+    done = nvec * 4;
+  }
+  for (int tid = 0; tid < threads; ++tid)
+    for (int64_t i = done + tid; i < V; i += threads) dev::update(st[tid], row[i]);
+  const int nwarps = threads / 32;
+  std::vector<dev::State> shared(32, dev::empty_state());
+  for (int w = 0; w < nwarps; ++w)
+    shared[w] = warp_reduce(std::vector<dev::State>(st.begin() + 32 * w, st.begin() + 32 * (w + 1)));
+  const dev::State total = warp_reduce(shared);  // lanes >= nwarps hold the empty state
+  const dev::Stats f = dev::finalize(total);
+  return {dev::token_logp(row[y], total.m, f.log_s), total.m, f.log_s, f.entropy, total.sum_x};
+}
+
+void emulate_device_backward(uintptr_t row_ptr, int64_t V, int64_t y, float m, float log_s, float g,
+                             uintptr_t out_ptr) {
+  const float* row = reinterpret_cast<const float*>(row_ptr);
+  float* out = reinterpret_cast<float*>(out_ptr);
+  for (int64_t v = 0; v < V; ++v) {  // cuda_logps.cu's backward lambda, element by element
+    if (log_s != log_s) {
+      out[v] = log_s;
+      continue;
+    }
+    out[v] = v == y ? dev::grad_target(row[v], m, log_s, g) : dev::grad_other(row[v], m, log_s, g);
+  }
+}
+
+void device_exp(uintptr_t src, uintptr_t dst, int64_t n) {
+  const float* in = reinterpret_cast<const float*>(src);
+  float* out = reinterpret_cast<float*>(dst);
+  for (int64_t i = 0; i < n; ++i) out[i] = dev::pfpo_exp(in[i]);
+}
+
+}  // namespace pfpo

@@ -1,0 +1,105 @@
+"""The CUDA kernels' math, checked on the CPU: ``pyfastpo._C`` carries a host replay of
+``cuda_logps.cu``'s per-row forward and backward compiled from the same header with the
+device's exp (``csrc/device_emulation.cpp``). Host and device must agree on every row,
+special ones included: before the fix the device's ``expf`` returned subnormals
+(``expf(-100) = 3.8e-44``) where the host returns 0, so a row of only -inf logits got
+entropy ~0.017 and a +inf row a finite entropy on CUDA while the CPU gave NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyfastpo import _C
+from pyfastpo.backends import cpp_backend
+
+EXP_LO = -87.33654  # PFPO_EXP_LO in csrc/logps_math.h
+
+
+def device_forward(row: torch.Tensor, y: int, threads: int, vec: int) -> list[float]:
+    row = row.float().contiguous()
+    return _C.emulate_device_forward(row.data_ptr(), row.numel(), y, threads, vec)
+
+
+def host_forward(row: torch.Tensor, y: int) -> list[float]:
+    stats = cpp_backend.forward(row.float().view(1, 1, -1), torch.tensor([[y]]), -100)
+    return [float(s) for s in stats]
+
+
+def _rows():
+    g = torch.Generator().manual_seed(0)
+    v = 1003  # odd: a scalar tail after the 16-byte vectors
+    rand = lambda: torch.randn(v, generator=g) * 4  # noqa: E731
+    masked = rand()
+    masked[::3] = float("-inf")
+    subnormal_range = torch.zeros(v)
+    subnormal_range[1:] = -torch.linspace(85.0, 105.0, v - 1)  # shifts where expf is subnormal
+    rows = {
+        "random": rand(),
+        "masked -inf": masked,
+        "shifts around the subnormal range": subnormal_range,
+        "huge finite of both signs": torch.tensor([1e35, -1e35]).repeat(v // 2 + 1)[:v],
+        "offset 1e6": rand() + 1e6,
+        "all -inf": torch.full((v,), float("-inf")),
+    }
+    for name, where in (("+inf", 17), ("NaN", 400)):
+        r = rand()
+        r[where] = float("inf") if name == "+inf" else float("nan")
+        rows[name] = r
+    return rows
+
+
+ROWS = _rows()
+
+
+def test_one_exp_constant_everywhere():
+    import pathlib
+    import re
+
+    header = (pathlib.Path(__file__).parents[1] / "csrc" / "logps_math.h").read_text()
+    value = float(re.search(r"PFPO_EXP_LO = (-[0-9.]+)f;", header).group(1))
+    from pyfastpo.kernels.flushed_exp import EXP_LO as triton_lo
+
+    assert value == EXP_LO == float(getattr(triton_lo, "value", triton_lo))
+
+
+def test_device_exp_follows_the_host_rule():
+    x = torch.cat([torch.linspace(-120, 88, 20001), torch.tensor([EXP_LO, float("-inf"), float("nan")])])
+    host, device = torch.empty_like(x), torch.empty_like(x)
+    _C.exp(x.data_ptr(), host.data_ptr(), x.numel())
+    _C.device_exp(x.data_ptr(), device.data_ptr(), x.numel())
+    low = (x < EXP_LO) | torch.isnan(x) | (x == float("-inf"))
+    assert torch.all(host[low] == 0) and torch.all(device[low] == 0), "exactly 0, never a subnormal"
+    tiny = torch.finfo(torch.float32).tiny
+    assert torch.all(device[~low] >= tiny) and torch.all(host[~low] >= tiny)
+    torch.testing.assert_close(host[~low], device[~low], rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("threads,vec", [(32, 0), (128, 4), (512, 4)])
+@pytest.mark.parametrize("name", list(ROWS))
+def test_device_forward_matches_host(name, threads, vec):
+    row = ROWS[name]
+    y = 1 if name != "huge finite of both signs" else 0
+    dev, host = device_forward(row, y, threads, vec), host_forward(row, y)
+    labels = ("logp", "row_max", "log_sum", "entropy", "sum_logits")
+    for label, d, h in zip(labels, dev, host):
+        if label == "sum_logits" and name == "huge finite of both signs":
+            continue  # inf - inf: NaN or +-inf depending on the summation order, a metric only
+        assert (d != d) == (h != h), (label, d, h)  # NaN in both or neither
+        if h == h:
+            assert d == pytest.approx(h, rel=2e-5, abs=2e-5), (label, d, h)
+    undefined = name in ("all -inf", "+inf", "NaN")
+    assert undefined == (dev[2] != dev[2]), "undefined rows have NaN log s on the device too"
+
+
+@pytest.mark.parametrize("name", list(ROWS))
+def test_device_backward_matches_host(name):
+    row = ROWS[name].float().contiguous()
+    y = 1 if name != "huge finite of both signs" else 0
+    _, m, log_s, _, _ = host_forward(row, y)
+    device = torch.empty_like(row)
+    _C.emulate_device_backward(row.data_ptr(), row.numel(), y, m, log_s, 0.7, device.data_ptr())
+    host = torch.empty(1, 1, row.numel())
+    stat = (torch.tensor([[m]]), torch.tensor([[log_s]]))
+    cpp_backend.backward(row.view(1, 1, -1), torch.tensor([[y]]), *stat, torch.tensor([0.7]), -100, host)
+    torch.testing.assert_close(device, host.view(-1), rtol=1e-5, atol=1e-7, equal_nan=True)
