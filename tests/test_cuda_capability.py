@@ -11,6 +11,7 @@ from pyfastpo import backends
 from pyfastpo.backends import cuda_backend
 
 BUILT = cuda_backend._cuda is not None
+REAL_RUNTIME_REASON = cuda_backend._runtime_reason
 needs_extension = pytest.mark.skipif(not BUILT, reason="pyfastpo._cuda was not built (no nvcc at install time)")
 
 
@@ -27,6 +28,7 @@ def fake_gpu(monkeypatch):
         if stand_in_extension and not BUILT:
             # the capability check never calls into the extension: any non-None module will do
             monkeypatch.setattr(cuda_backend, "_cuda", object())
+        monkeypatch.setattr(cuda_backend, "_runtime_reason", lambda: None)  # the fake GPU's runtime starts
 
     return set_gpu
 
@@ -83,3 +85,29 @@ def test_cpu_tensors_are_still_refused_before_any_gpu_query(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", boom)
     reason = cuda_backend.unavailable_reason(torch.device("cpu"))
     assert reason is not None
+
+
+def test_a_runtime_that_does_not_start_is_reported_and_auto_falls_back(fake_gpu, monkeypatch):
+    """A driver older than the extension's static CUDA runtime: every launch would fail.
+    The check runs once (cached) and its reason shows in backend_reasons()."""
+    fake_gpu((9, 0), "NVIDIA H100", stand_in_extension=True)
+    calls = []
+
+    class OldDriver:
+        @staticmethod
+        def device_count():
+            calls.append(1)
+            raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(cuda_backend, "_cuda", OldDriver())
+    # The real check, uncached (the fixture stands a passing one in for the fake GPU).
+    monkeypatch.setattr(cuda_backend, "_runtime_reason", REAL_RUNTIME_REASON.__wrapped__)
+    reason = cuda_backend.unavailable_reason(torch.device("cuda"))
+    assert "insufficient" in reason and "does not start" in reason
+    assert "insufficient" in backends.backend_reasons("cuda")["cuda"]
+    assert backends.get_backend("auto", torch.device("cuda"), torch.bfloat16).name in ("triton", "reference")
+    assert calls
+
+
+def test_runtime_check_is_cached():
+    assert hasattr(cuda_backend._runtime_reason, "cache_info")

@@ -14,7 +14,7 @@ import torch
 
 from .base import KERNEL_DTYPES, TokenStats
 
-__all__ = ["BACKENDS", "TokenStats", "available_backends", "check_backend_available", "get_backend"]
+__all__ = ["BACKENDS", "TokenStats", "available_backends", "backend_reasons", "check_backend_available", "get_backend"]
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
 """Every backend name ``sequence_logps`` accepts, besides ``"auto"``."""
@@ -52,6 +52,14 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     if module is None:
         return reason
     return module.unavailable_reason(torch.device(device))
+
+
+def backend_reasons(device: torch.device | str | None = None) -> dict[str, str | None]:
+    """Every backend with why it cannot run on ``device`` (None: it can): the diagnostics
+    behind :func:`available_backends` and ``backend="auto"``'s choice. Default device:
+    CUDA when torch sees one, else CPU."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return {name: unavailable_reason(name, device) for name in BACKENDS}
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

@@ -8,6 +8,8 @@ time. See :mod:`pyfastpo.backends.base` for the contract.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import TokenStats
@@ -32,7 +34,19 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"it runs on CUDA tensors only, not {device.type}"
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
-    return _capability_reason(device)
+    return _capability_reason(device) or _runtime_reason()
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime_reason() -> str | None:
+    """Why the extension's own (static) CUDA runtime cannot start here, checked once: it
+    needs a driver at least as new as the toolkit it was built with, which torch's
+    runtime may not (e.g. "CUDA driver version is insufficient for CUDA runtime version")."""
+    try:
+        _cuda.device_count()
+    except RuntimeError as err:
+        return f"its CUDA runtime does not start ({err})"
+    return None
 
 
 MIN_CAPABILITY = (8, 0)
