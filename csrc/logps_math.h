@@ -78,7 +78,12 @@ constexpr float PFPO_EXP_LO = -87.33654f;  // ~ log(FLT_MIN): n = round(x / ln2)
 
 // The device exp: expf with the rule above (also compiled on the host to
 // emulate the device in tests: csrc/device_emulation.cpp).
-PFPO_HD float flushed_expf(float x) { return (x >= PFPO_EXP_LO) ? expf(x) : 0.0f; }
+PFPO_HD float flushed_expf(float x) {
+  // expf first, then a select: written as `x >= lo ? expf(x) : 0` nvcc branches
+  // around expf per element (BSSY/BSYNC in the SASS of the inner loop).
+  const float e = expf(x);
+  return (x >= PFPO_EXP_LO) ? e : 0.0f;
+}
 
 // exp(x) in float32. On the device: flushed_expf (memory-bound kernels;
 // accuracy over speed). On the host: a branch-free Cephes-style polynomial that GCC

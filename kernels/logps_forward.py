@@ -6,8 +6,7 @@ blocks of ``BLOCK_V``, keeping an online (flash-softmax style) state in float32:
     m = running max (a scalar),
     s = sum exp(x - m),
     u = sum exp(x - m) * (x - m),
-    z = sum x,
-    c = number of NaN logits (s, u, z, c kept per lane of the block, summed at the end).
+    z = sum x            (s, u, z kept per lane of the block, summed at the end).
 
 From it ``logp = (x_y - m) - log s`` and ``entropy = lse - E_p[x] = log s - u / s``;
 ``m`` and ``log s`` are stored apart, never as ``lse = m + log s``, which would
@@ -73,7 +72,6 @@ def _logps_forward_kernel(
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     u = tl.zeros([BLOCK_V], dtype=tl.float32)
     z = tl.zeros([BLOCK_V], dtype=tl.float32)
-    c = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         mask = offs < V
@@ -95,16 +93,22 @@ def _logps_forward_kernel(
         u = alpha * (u + shift * s) + e * tl.where(e > 0.0, d, 0.0)
         s = alpha * s + e
         z += tl.where(mask, x, 0.0)
-        c += tl.where(x != x, 1.0, 0.0)
         m = m_new
 
     s_row = tl.sum(s, axis=0)
     u_row = tl.sum(u, axis=0)
     z_row = tl.sum(z, axis=0)
-    # Undefined row: a NaN logit (counted in c: the max may drop it, and z is no
-    # witness, as finite 1e35 and -1e35 sum to NaN), a +inf logit (m = +inf) or only
-    # -inf logits (m = -inf): NaN, as in every backend.
-    defined = (tl.sum(c, axis=0) == 0.0) & (m > float("-inf")) & (m < float("inf"))
+    # Undefined row: a NaN logit, a +inf logit (m = +inf) or only -inf logits
+    # (m = -inf): NaN, as in every backend. A NaN always makes z NaN, but so do
+    # finite 1e35 and -1e35 (inf - inf): only such a row is read again to count
+    # its NaNs (a per-lane counter in the loop cost ~16 registers per thread).
+    nans = 0.0
+    if z_row != z_row:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            x = tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32)
+            nans += tl.sum(tl.where(x != x, 1.0, 0.0), axis=0)
+    defined = (nans == 0.0) & (m > float("-inf")) & (m < float("inf"))
     log_s = tl.where(defined, tl.log(s_row), float("nan"))
     x_y = tl.load(x_row + label).to(tl.float32)
     tl.store(logp_ptr + row, (x_y - m) - log_s)

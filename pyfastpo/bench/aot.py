@@ -1,0 +1,160 @@
+"""Ahead-of-time view of the GPU kernels, on a machine without a GPU.
+
+Compiles the CUDA kernels (nvcc, ``csrc/cuda_logps.cu``) and the Triton kernels
+(``triton.compile`` with a ``GPUTarget``) for a GPU architecture, disassembles them
+with ``cuobjdump`` (shipped in the triton wheel) and reports, per kernel: registers,
+local memory (spills), and the hot loop's SASS instructions per element. A
+memory-bound kernel reaches HBM bandwidth only if the SM can issue its inner loop
+fast enough (an H100 SM issues 4 warp-instructions per clock; at ~3 TB/s over 132
+SMs a bf16 element arrives every ~0.1 ns per SM), so instructions per element is
+the number to keep down. ``tests/test_aot_budget.py`` holds the budgets.
+
+The hot loop is found from the SASS itself: a backward branch closes a loop; the
+innermost loops that load from global memory are candidates, and the one moving
+the most bytes per iteration is the hot one (the unrolled main loop, not its
+remainder). Instructions per element = its instruction count / the elements its
+global loads bring in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);")
+_LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+@dataclass
+class Instr:
+    """One SASS instruction: address, opcode with modifiers (``LDG.E.128``), operands."""
+
+    addr: int
+    op: str
+    operands: str
+
+
+@dataclass
+class Loop:
+    """Instructions from a backward branch's target to the branch, inclusive."""
+
+    start: int
+    end: int
+    body: list = field(default_factory=list)
+
+    def load_bytes(self) -> int:
+        """Bytes read from global memory per iteration (``LDG``; ``.CONSTANT`` is the
+        read-only cache path of ``__restrict__`` loads, still global memory)."""
+        total = 0
+        for ins in self.body:
+            if ins.op.startswith("LDG"):
+                width = [m for m in ins.op.split(".")[1:] if m in _LOAD_BYTES]
+                total += _LOAD_BYTES[width[0]] if width else 4
+        return total
+
+
+@dataclass
+class KernelCode:
+    """One compiled kernel: its resources and SASS."""
+
+    name: str
+    registers: int
+    local_bytes: int
+    sass: list
+
+    def loops(self) -> list:
+        """Every loop (backward branch), innermost first."""
+        found = []
+        for i, ins in enumerate(self.sass):
+            if ins.op.startswith("BRA"):
+                target = re.search(r"0x([0-9a-f]+)", ins.operands)
+                if target and int(target.group(1), 16) <= ins.addr:
+                    start = int(target.group(1), 16)
+                    found.append(Loop(start, ins.addr, [x for x in self.sass if start <= x.addr <= ins.addr]))
+        return sorted(found, key=lambda lp: lp.end - lp.start)
+
+    def hot_loop(self, needs: str = "MUFU.EX2") -> Loop | None:
+        """The innermost global-memory loop holding a ``needs`` instruction (the kernels'
+        exp: this skips rare paths such as a NaN re-scan) that moves the most bytes per
+        iteration (the unrolled main loop, not its remainder)."""
+        loops = self.loops()
+        inner = [lp for lp in loops if not any(o is not lp and lp.start <= o.start and o.end <= lp.end for o in loops)]
+        candidates = [lp for lp in inner if lp.load_bytes() > 0 and any(i.op.startswith(needs) for i in lp.body)]
+        return max(candidates, key=lambda lp: (lp.load_bytes(), -len(lp.body)), default=None)
+
+    def instructions_per_element(self, elem_bytes: int, needs: str = "MUFU.EX2") -> float | None:
+        """The hot loop's instruction count per element loaded (None without such a loop)."""
+        loop = self.hot_loop(needs)
+        if loop is None:
+            return None
+        return len(loop.body) / (loop.load_bytes() / elem_bytes)
+
+
+def cuobjdump() -> str:
+    """Path of ``cuobjdump``: on PATH, else the copy in the triton wheel."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not path.exists():
+        raise FileNotFoundError("cuobjdump: not on PATH and not in the triton wheel")
+    return str(path)
+
+
+def parse_cubin(cubin: Path) -> dict:
+    """``{mangled name: KernelCode}`` of every kernel in a cubin."""
+    tool = cuobjdump()
+    usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+    resources = {}
+    for name, regs, stack, local in re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage):
+        resources[name] = (int(regs), int(stack) + int(local))
+    sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    kernels = {}
+    for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, body = chunk.split("\n", 1)
+        instrs = [Instr(int(a, 16), op, rest.strip()) for a, _, op, rest in _LINE.findall(body)]
+        regs, local = resources.get(name.strip(), (-1, -1))
+        kernels[name.strip()] = KernelCode(name.strip(), regs, local, instrs)
+    return kernels
+
+
+def compile_cuda(arch: int = 90, source: Path = ROOT / "csrc" / "cuda_logps.cu") -> dict:
+    """Compile the CUDA kernels for ``sm_<arch>`` with setup.py's flags; ``{name: KernelCode}``."""
+    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cmd = [nvcc, "-O3", "-std=c++17", f"-arch=sm_{arch}", "-cubin", f"-I{source.parent}", str(source), "-o", str(cubin)]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return parse_cubin(cubin)
+
+
+def compile_triton(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> KernelCode:
+    """Compile one Triton kernel for ``sm_<arch>`` without a GPU; its KernelCode."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        (code,) = parse_cubin(cubin).values()
+    return code
+
+
+def short_name(mangled: str) -> str:
+    """``forward_kernel<bf16, vec>``-style name of a cuda_logps.cu kernel."""
+    kind = "forward" if "forward_kernel" in mangled else "backward" if "backward_kernel" in mangled else mangled
+    dtype = "bf16" if "nv_bfloat16" in mangled else "fp16" if "__half" in mangled else "fp32"
+    vec = "vec" if re.search(r"Lb1E", mangled) else "scalar"
+    return f"{kind}<{dtype},{vec}>"
