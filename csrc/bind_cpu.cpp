@@ -32,8 +32,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("n"), "Test hook: n float32 values -> dtype (RNE).");
   m.def("exp", &pfpo::cpu_exp, release(), py::arg("src"), py::arg("dst"), py::arg("n"),
         "Test hook: the vectorizable host exp on n float32 values.");
-  m.def("device_exp", &pfpo::device_exp, release(), py::arg("src"), py::arg("dst"), py::arg("n"),
-        "Test hook: the CUDA kernels' exp (flushed_expf), run on the host.");
+  m.def("device_exp", &pfpo::emulated_device_exp, release(), py::arg("src"), py::arg("dst"), py::arg("n"),
+        "Test hook: the CUDA kernels' exp (ex2 with a flush to zero), emulated on the host.");
   m.def("emulate_device_forward", &pfpo::emulate_device_forward, release(), py::arg("row"), py::arg("V"),
         py::arg("y"), py::arg("threads"), py::arg("vec"),
         "Test hook: the CUDA forward on one float32 row, replayed on the host -> [logp, m, log s, entropy, sum_x].");

@@ -6,11 +6,14 @@
 // GPU. (A warp per row would only pay off for V below a few thousand, which is
 // not this library's case; small V stays correct, just not tuned.)
 //
-// Each thread keeps an online state {m, s, t, sum_x, nan} (logps_math.h) in
-// registers, updated once per 16-byte vector (update_k: one re-base per
-// vector, one exp per element); states are merged with __shfl_xor_sync inside a
-// warp, then across warps through shared memory. Reduction order is fixed for
-// a given V, so results are deterministic.
+// Each thread keeps an online state {m, s, t, sum_x} (logps_math.h) in
+// registers, updated once per pair of 16-byte vectors (update_k: one re-base
+// per pair, one exp per element: ex2.approx, see device_exp); states are merged
+// with __shfl_xor_sync inside a warp, then across warps through shared memory.
+// Reduction order is fixed for a given V, so results are deterministic. NaN
+// logits are counted only in a row whose sum of logits is NaN (a second read
+// of that row), so the hot loop carries no NaN test. Instruction counts of the
+// inner loops (SASS, sm_90) are checked in CI: tests/test_aot_budget.py.
 //
 // Vector loads need every row start (and, in backward, every output row
 // start) 16-byte aligned: checked on the host from the base pointers and the
@@ -95,6 +98,30 @@ __device__ __forceinline__ State block_reduce(State st, State* shared) {
   return st;
 }
 
+// Loads a 16-byte vector of T as K floats.
+template <typename T>
+__device__ __forceinline__ void load_vec(const uint4& raw, float* x) {
+  const T* in = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < Vec16<T>::K; ++k) x[k] = to_f(in[k]);
+}
+
+// Count of NaN logits in a row, block-wide (every thread gets it). Run only for
+// a row whose sum of logits is NaN (rare), so the hot loop carries no NaN test.
+template <typename T>
+__device__ int count_nans(const T* row, int64_t V, int* counter) {
+  if (threadIdx.x == 0) *counter = 0;
+  __syncthreads();
+  int local = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    const float v = to_f(row[i]);
+    local += (v != v);
+  }
+  if (local) atomicAdd(counter, local);  // integers: exact in any order
+  __syncthreads();
+  return *counter;
+}
+
 template <typename T, bool VEC>
 __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int64_t V,
                                int64_t stride_n, int64_t stride_t,
@@ -102,6 +129,8 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
                                float* __restrict__ out, int64_t rows) {
   // out: [kNumStats, rows] float32: logp, m, log s, entropy, sum_x.
   __shared__ State shared[32];
+  __shared__ float row_sum_x;
+  __shared__ int row_nans;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t y = labels[r];
     if (is_ignored(y, ignore_index, V)) {  // block-uniform: the row is never read
@@ -113,21 +142,31 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
     State st = empty_state();
     int64_t done = 0;
     if (VEC) {
+      // Two 16-byte loads in flight per thread, one re-base per pair of vectors.
       constexpr int K = Vec16<T>::K;
       const int64_t nvec = V / K;
       const uint4* vrow = reinterpret_cast<const uint4*>(row);
-      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-        const uint4 raw = vrow[i];
-        const T* in = reinterpret_cast<const T*>(&raw);
+      int64_t i = threadIdx.x;
+      for (; i + blockDim.x < nvec; i += 2 * blockDim.x) {
+        const uint4 a = vrow[i], b = vrow[i + blockDim.x];
+        float x[2 * K];
+        load_vec<T>(a, x);
+        load_vec<T>(b, x + K);
+        update_k<2 * K>(st, x);
+      }
+      if (i < nvec) {
         float x[K];
-#pragma unroll
-        for (int k = 0; k < K; ++k) x[k] = to_f(in[k]);
+        load_vec<T>(vrow[i], x);
         update_k<K>(st, x);
       }
       done = nvec * K;
     }
     for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) update(st, to_f(row[i]));
     st = block_reduce(st, shared);
+    if (threadIdx.x == 0) row_sum_x = st.sum_x;
+    __syncthreads();
+    const float sum_x = row_sum_x;  // block-uniform from here
+    if (sum_x != sum_x) st.nan = static_cast<float>(count_nans(row, V, &row_nans));
     if (threadIdx.x == 0) {
       const Stats f = finalize(st);
       out[r] = token_logp(to_f(row[y]), st.m, f.log_s);
@@ -137,6 +176,20 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
       out[4 * rows + r] = st.sum_x;
     }
   }
+}
+
+// -g p for the K columns of one 16-byte vector (p = exp((x - m) - log s), NaN
+// when log s is NaN); the target column is fixed up apart, once per row.
+template <typename T>
+__device__ __forceinline__ uint4 grad_vec(const uint4& raw, float m, float ls, float g) {
+  constexpr int K = Vec16<T>::K;
+  float x[K];
+  load_vec<T>(raw, x);
+  uint4 res;
+  T* o = reinterpret_cast<T*>(&res);
+#pragma unroll
+  for (int k = 0; k < K; ++k) o[k] = from_f<T>(grad_other(x[k], m, ls, g));
+  return res;
 }
 
 template <typename T, bool VEC>
@@ -149,38 +202,41 @@ __global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t n = r / T_len, t = r % T_len;
     const int64_t y = labels[r];
-    const bool ignored = is_ignored(y, ignore_index, V);
     const T* row = logits + n * stride_n + t * stride_t;
     T* orow = out + n * out_stride_n + t * out_stride_t;
-    const float m = ignored ? 0.0f : row_max[r];
-    const float ls = ignored ? 0.0f : log_sum[r];
-    const float g = ignored ? 0.0f : grad_scale[n];
-    // Gradient of column v from its logit x (read by this thread just before).
-    // An undefined row (log s NaN) gets NaN everywhere, as in every backend.
-    auto grad = [&](int64_t v, float x) -> float {
-      if (ignored) return 0.0f;
-      if (ls != ls) return ls;
-      return v == y ? grad_target(x, m, ls, g) : grad_other(x, m, ls, g);
-    };
+    if (is_ignored(y, ignore_index, V)) {  // block-uniform: zeros, the row is never read
+      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) orow[i] = from_f<T>(0.0f);
+      continue;
+    }
+    // An undefined row (log s NaN) gets NaN everywhere: exp of NaN is NaN on the device.
+    const float m = row_max[r], ls = log_sum[r], g = grad_scale[n];
     int64_t done = 0;
     if (VEC) {
+      // Every element is read, then written, by the same thread (out may alias
+      // logits). The thread whose vectors hold the target reads its logit before
+      // any of its stores and rewrites that column after them: no per-element test.
       constexpr int K = Vec16<T>::K;
       const int64_t nvec = V / K;
+      const bool owns_target = y < nvec * K && (y / K) % blockDim.x == threadIdx.x;
+      const float xy = owns_target ? to_f(row[y]) : 0.0f;
       const uint4* vrow = reinterpret_cast<const uint4*>(row);
       uint4* vout = reinterpret_cast<uint4*>(orow);
-      for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-        uint4 raw = make_uint4(0, 0, 0, 0), res;
-        if (!ignored) raw = vrow[i];  // an ignored row is never read
-        const T* in = reinterpret_cast<const T*>(&raw);
-        T* o = reinterpret_cast<T*>(&res);
-#pragma unroll
-        for (int k = 0; k < K; ++k) o[k] = from_f<T>(grad(i * K + k, to_f(in[k])));
-        vout[i] = res;
+      int64_t i = threadIdx.x;
+      for (; i + blockDim.x < nvec; i += 2 * blockDim.x) {  // two 16-byte loads in flight
+        const int64_t i2 = i + blockDim.x;
+        const uint4 a = vrow[i], b = vrow[i2];
+        const uint4 ra = grad_vec<T>(a, m, ls, g), rb = grad_vec<T>(b, m, ls, g);
+        vout[i] = ra;
+        vout[i2] = rb;
       }
+      if (i < nvec) vout[i] = grad_vec<T>(vrow[i], m, ls, g);
+      if (owns_target) orow[y] = from_f<T>(grad_target(xy, m, ls, g));
       done = nvec * K;
     }
-    for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x)
-      orow[i] = from_f<T>(ignored ? 0.0f : grad(i, to_f(row[i])));  // no read when ignored
+    for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) {
+      const float x = to_f(row[i]);
+      orow[i] = from_f<T>(i == y ? grad_target(x, m, ls, g) : grad_other(x, m, ls, g));
+    }
   }
 }
 

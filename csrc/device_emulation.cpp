@@ -1,8 +1,8 @@
 // pyfastpo: the CUDA kernels' per-row algorithm run on the host, for tests.
 //
 // No GPU runs in CI, so this file compiles the shared math header the way the
-// device sees it (PFPO_EMULATE_DEVICE: pfpo_exp is the device's flushed_expf,
-// not the host polynomial) and replays cuda_logps.cu's forward for one row:
+// device sees it (PFPO_EMULATE_DEVICE: pfpo_exp is the device's device_exp,
+// ex2 with a flush to zero, not the host polynomial; pfpo_max is fmaxf) and replays cuda_logps.cu's forward for one row:
 // each of `threads` threads folds its strided 16-byte vectors with update_k
 // (then the scalar tail with update), lanes merge by the xor-shuffle tree of
 // warp_reduce, warps through the shared-memory step of block_reduce, thread 0
@@ -46,12 +46,20 @@ std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t 
   std::vector<dev::State> st(threads, dev::empty_state());
   int64_t done = 0;
   if (vec == 4) {
+    // Two 16-byte vectors per step, one re-base per pair (cuda_logps.cu's forward loop).
     const int64_t nvec = V / 4;
-    for (int tid = 0; tid < threads; ++tid)
-      for (int64_t i = tid; i < nvec; i += threads) {
+    for (int tid = 0; tid < threads; ++tid) {
+      int64_t i = tid;
+      for (; i + threads < nvec; i += 2 * threads) {
+        float x[8];
+        for (int k = 0; k < 4; ++k) x[k] = row[4 * i + k], x[4 + k] = row[4 * (i + threads) + k];
+        dev::update_k<8>(st[tid], x);
+      }
+      if (i < nvec) {
         const float x[4] = {row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]};
         dev::update_k<4>(st[tid], x);
       }
+    }
     done = nvec * 4;
   }
   for (int tid = 0; tid < threads; ++tid)
@@ -60,7 +68,9 @@ std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t 
   std::vector<dev::State> shared(32, dev::empty_state());
   for (int w = 0; w < nwarps; ++w)
     shared[w] = warp_reduce(std::vector<dev::State>(st.begin() + 32 * w, st.begin() + 32 * (w + 1)));
-  const dev::State total = warp_reduce(shared);  // lanes >= nwarps hold the empty state
+  dev::State total = warp_reduce(shared);  // lanes >= nwarps hold the empty state
+  if (total.sum_x != total.sum_x)  // the kernel's count_nans, for a row whose sum is NaN
+    for (int64_t i = 0; i < V; ++i) total.nan += dev::is_nan(row[i]);
   const dev::Stats f = dev::finalize(total);
   return {dev::token_logp(row[y], total.m, f.log_s), total.m, f.log_s, f.entropy, total.sum_x};
 }
@@ -69,16 +79,12 @@ void emulate_device_backward(uintptr_t row_ptr, int64_t V, int64_t y, float m, f
                              uintptr_t out_ptr) {
   const float* row = reinterpret_cast<const float*>(row_ptr);
   float* out = reinterpret_cast<float*>(out_ptr);
-  for (int64_t v = 0; v < V; ++v) {  // cuda_logps.cu's backward lambda, element by element
-    if (log_s != log_s) {
-      out[v] = log_s;
-      continue;
-    }
-    out[v] = v == y ? dev::grad_target(row[v], m, log_s, g) : dev::grad_other(row[v], m, log_s, g);
-  }
+  // cuda_logps.cu's backward: -g p everywhere (NaN when log s is), then the target column.
+  for (int64_t v = 0; v < V; ++v) out[v] = dev::grad_other(row[v], m, log_s, g);
+  out[y] = dev::grad_target(row[y], m, log_s, g);
 }
 
-void device_exp(uintptr_t src, uintptr_t dst, int64_t n) {
+void emulated_device_exp(uintptr_t src, uintptr_t dst, int64_t n) {
   const float* in = reinterpret_cast<const float*>(src);
   float* out = reinterpret_cast<float*>(dst);
   for (int64_t i = 0; i < n; ++i) out[i] = dev::pfpo_exp(in[i]);

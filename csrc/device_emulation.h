@@ -14,7 +14,7 @@ std::vector<float> emulate_device_forward(uintptr_t row, int64_t V, int64_t y, i
 // cuda_logps.cu's backward on one float32 row: out[v] = g * ([v == y] - p_v), NaN when log_s is.
 void emulate_device_backward(uintptr_t row, int64_t V, int64_t y, float m, float log_s, float g, uintptr_t out);
 
-// The device's exp (flushed_expf) on n float32 values.
-void device_exp(uintptr_t src, uintptr_t dst, int64_t n);
+// The device's exp (device_exp: ex2 with a flush to zero) on n float32 values.
+void emulated_device_exp(uintptr_t src, uintptr_t dst, int64_t n);
 
 }  // namespace pfpo

@@ -64,29 +64,47 @@ PFPO_HD float u2f(uint32_t u) {
 #endif
 }
 
-// max as a select (NaN handling: see finalize). Written as a select so that it vectorizes without -ffast-math.
-PFPO_HD float pfpo_max(float m, float x) { return (x <= m) ? m : x; }
+// max (NaN handling: see finalize). On the host a select, which vectorizes
+// without -ffast-math; on the device fmaxf, one FMNMX (the select is two).
+PFPO_HD float pfpo_max(float m, float x) {
+#if defined(__CUDA_ARCH__) || defined(PFPO_EMULATE_DEVICE)
+  return fmaxf(m, x);
+#else
+  return (x <= m) ? m : x;
+#endif
+}
 
 // Clamp a shift d = x - m (<= 0) so that exp and d * exp(d) stay finite; NaN -> PFPO_D_MIN.
 PFPO_HD float clamp_shift(float d) { return (d > PFPO_D_MIN) ? d : PFPO_D_MIN; }
 
 // The one exp rule of host and device: below PFPO_EXP_LO, where float32's
-// exp would be subnormal (expf(-100) = 3.8e-44), the result is exactly 0;
-// NaN gives 0 too (a NaN logit is tracked by the state's NaN count). Host and
-// device thus agree on every row, masked (-inf) and clamped entries included.
+// exp would be subnormal (expf(-100) = 3.8e-44), the result is exactly 0.
+// Host and device thus agree on every row, masked (-inf) and clamped entries
+// included. (NaN: 0 on the host, NaN on the device; the kernels pass NaN to
+// exp only in an undefined row, whose outputs are NaN either way.)
 constexpr float PFPO_EXP_LO = -87.33654f;  // ~ log(FLT_MIN): n = round(x / ln2) >= -126
 
-// The device exp: expf with the rule above (also compiled on the host to
-// emulate the device in tests: csrc/device_emulation.cpp).
-PFPO_HD float flushed_expf(float x) {
-  // expf first, then a select: written as `x >= lo ? expf(x) : 0` nvcc branches
-  // around expf per element (BSSY/BSYNC in the SASS of the inner loop).
-  const float e = expf(x);
-  return (x >= PFPO_EXP_LO) ? e : 0.0f;
+constexpr float PFPO_LOG2E = 1.44269504088896341f;
+
+// The device exp: 2^(x log2 e) by ex2.approx.ftz, two instructions (FMUL, MUFU.EX2)
+// where expf takes ten; relative error ~2^-22 (expf: ~2^-23), the same
+// instruction Triton's tl.exp uses. Its FTZ flush of subnormal results is the
+// rule above: 2^y is subnormal exactly when y < -126, i.e. x < -87.3365. Also
+// compiled on the host to emulate the device in tests (csrc/device_emulation.cpp),
+// there as exp2f with the same flush (NaN stays NaN, as on the device).
+PFPO_HD float device_exp(float x) {
+  const float y = x * PFPO_LOG2E;
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+#else
+  return (y != y) ? y : ((y >= -126.0f) ? exp2f(y) : 0.0f);
+#endif
 }
 
-// exp(x) in float32. On the device: flushed_expf (memory-bound kernels;
-// accuracy over speed). On the host: a branch-free Cephes-style polynomial that GCC
+// exp(x) in float32. On the device: device_exp (memory-bound kernels: the inner
+// loop's instruction count decides the bandwidth). On the host: a branch-free Cephes-style polynomial that GCC
 // vectorizes (libm's expf call does not): round x/ln2 to n with the 1.5*2^23
 // trick, reduce r = x - n ln2 (ln2 split in two for exactness), degree-6
 // polynomial on |r| <= ln2/2, scale by 2^n through the exponent bits.
@@ -94,7 +112,7 @@ PFPO_HD float flushed_expf(float x) {
 // returns exactly 0 below PFPO_EXP_LO (never a subnormal) and for NaN.
 PFPO_HD float pfpo_exp(float x) {
 #if defined(__CUDA_ARCH__) || defined(PFPO_EMULATE_DEVICE)
-  return flushed_expf(x);
+  return device_exp(x);
 #else
   const float lo = PFPO_EXP_LO, hi = 88.0f;  // n = round(x / ln2) in [-126, 127]
   float xc = (x < lo) ? lo : x;
@@ -122,7 +140,8 @@ PFPO_HD float pfpo_exp(float x) {
 
 // ---------------------------------------------------------------- online state
 // A partial reduction of a row: m = running max, s = sum exp(x - m),
-// t = sum exp(x - m) * (x - m), sum_x = sum x, nan = number of NaN elements.
+// t = sum exp(x - m) * (x - m), sum_x = sum x, nan = number of NaN elements
+// (counted off the hot loops: only a row whose sum_x is NaN is read again).
 // Empty state: {-inf, 0, 0, 0, 0}.
 struct State {
   float m, s, t, sum_x, nan;
@@ -156,7 +175,6 @@ PFPO_HD void update(State& st, float x) {
   rebase(st.m, st.s, st.t, pfpo_max(st.m, x));
   accumulate_at_max(st.m, st.s, st.t, x);
   st.sum_x += x;
-  st.nan += is_nan(x);
 }
 
 // Add K elements with a single re-base (what a GPU thread does per vector load).
@@ -170,7 +188,6 @@ PFPO_UNROLL
   for (int k = 0; k < K; ++k) {
     accumulate_at_max(st.m, st.s, st.t, x[k]);
     st.sum_x += x[k];
-    st.nan += is_nan(x[k]);
   }
 }
 

@@ -158,3 +158,67 @@ def short_name(mangled: str) -> str:
     dtype = "bf16" if "nv_bfloat16" in mangled else "fp16" if "__half" in mangled else "fp32"
     vec = "vec" if re.search(r"Lb1E", mangled) else "scalar"
     return f"{kind}<{dtype},{vec}>"
+
+
+ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def triton_kernels(arch: int = 90, vocab: int = 128256) -> dict:
+    """``{"forward<bf16>": KernelCode, ...}``: the Triton kernels at their launch
+    configuration for ``vocab``. Needs TRITON_INTERPRET unset when triton was first
+    imported (the interpreter replaces the kernels): :func:`report` runs it in a
+    fresh process."""
+    import torch
+
+    from pyfastpo.kernels import logps_backward, logps_forward
+    from pyfastpo.kernels.config import launch_config
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    common = {"T": "i32", "V": "i32", "stride_n": "i64", "stride_t": "i64"}
+    out = {}
+    for dtype in ELEM_BYTES:
+        block, warps = launch_config(vocab, torch_dtype[dtype])
+        fwd = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": "*fp32", "max_ptr": "*fp32",
+               "log_sum_ptr": "*fp32", "entropy_ptr": "*fp32", "sum_logits_ptr": "*fp32", **common,
+               "ignore_index": "i64", "BLOCK_V": "constexpr"}  # fmt: skip
+        bwd = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "max_ptr": "*fp32", "log_sum_ptr": "*fp32",
+               "grad_scale_ptr": "*fp32", "out_ptr": f"*{dtype}", **common, "out_stride_n": "i64",
+               "out_stride_t": "i64", "ignore_index": "i64", "BLOCK_V": "constexpr"}  # fmt: skip
+        out[f"forward<{dtype}>"] = compile_triton(logps_forward._logps_forward_kernel, fwd, {"BLOCK_V": block}, warps, arch)
+        out[f"backward<{dtype}>"] = compile_triton(logps_backward._logps_backward_kernel, bwd, {"BLOCK_V": block}, warps, arch)
+    return out
+
+
+def _row(backend: str, name: str, code: KernelCode) -> dict:
+    dtype = re.search(r"<(\w+)", name).group(1)
+    per_element = code.instructions_per_element(ELEM_BYTES[dtype])
+    return {"backend": backend, "kernel": name, "registers": code.registers, "local_bytes": code.local_bytes,
+            "per_element": None if per_element is None else round(per_element, 3)}  # fmt: skip
+
+
+def report(arch: int = 90) -> list:
+    """Registers, local memory and hot-loop instructions per element of every kernel,
+    CUDA and Triton, compiled for ``sm_<arch>``: a list of dicts."""
+    import json
+    import sys
+
+    rows = [_row("cuda", short_name(n), c) for n, c in sorted(compile_cuda(arch).items(), key=lambda kv: short_name(kv[0]))]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json; from pyfastpo.bench import aot; print(json.dumps([aot._row('triton', n, c) for n, c in aot.triton_kernels({arch}).items()]))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return rows + json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """``python -m pyfastpo.bench.aot [ARCH]``: the report as a markdown table."""
+    import sys
+
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    print(f"| backend | kernel (sm_{arch}) | registers | local bytes | SASS instructions / element (hot loop) |")
+    print("|---|---|---|---|---|")
+    for r in report(arch):
+        print(f"| {r['backend']} | {r['kernel']} | {r['registers']} | {r['local_bytes']} | {r['per_element']} |")
+
+
+if __name__ == "__main__":
+    main()

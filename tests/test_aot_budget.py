@@ -1,0 +1,83 @@
+"""GPU kernels checked ahead of time, without a GPU: compiled for sm_90 (nvcc for the
+CUDA kernels, ``triton.compile`` with a GPUTarget for Triton), disassembled, and held
+to budgets: no local memory (spills), registers, and SASS instructions per element in
+each kernel's hot loop (``pyfastpo/bench/aot.py``). A memory-bound kernel keeps up with
+HBM only if its inner loop is lean, so a regression here is a bandwidth regression.
+
+Budgets are the measured counts plus a small margin (measured 2026-11-26, nvcc 13.0,
+triton 3.8.0; the issue's targets, 8 for the bf16 CUDA forward and 5 for its backward,
+64 registers for the 16-bit Triton forward, are not all met yet: see the comments).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from pyfastpo.bench import aot
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+    reason="nvcc is not installed: the CUDA kernels cannot be compiled ahead of time here",
+)
+
+# Hot-loop SASS instructions per element (measured before -> after this budget was set:
+# forward vec bf16 23.6 -> 10.8, fp32 25.3 -> 10.5; backward vec bf16 24.9 -> 8.5,
+# fp32 24.8 -> 7.9; the scalar kernels, used for rows not 16-byte aligned, 47 -> 26 and
+# 38 -> 27). Still above the issue's targets: the forward keeps per element a convert,
+# max, x - m, clamp, scale, ex2, s += e, t += e d and sum += x (9 essential instructions).
+# Triton, at the launch configuration of V = 128256: forward bf16 115 registers (fp16
+# 125), 26.4 per element; fp32 58, 27.6; backward bf16 48, 25.6; fp32 32, 24.0. Not yet
+# at the issue's 64 registers for the 16-bit forward (a cross-warp max per step).
+BUDGET = {  # kernel name prefix -> (max registers, max instructions per element)
+    ("cuda", "forward", "vec"): (48, 11.5), ("cuda", "forward", "scalar"): (48, 27.0),
+    ("cuda", "backward", "vec"): (48, 9.0), ("cuda", "backward", "scalar"): (48, 28.0),
+    ("triton", "forward", "16-bit"): (128, 27.5), ("triton", "forward", "fp32"): (64, 28.5),
+    ("triton", "backward", "16-bit"): (56, 26.5), ("triton", "backward", "fp32"): (40, 25.0),
+}  # fmt: skip
+
+
+def _budget(row: dict) -> tuple:
+    kind = row["kernel"].split("<")[0]
+    if row["backend"] == "cuda":
+        return BUDGET[("cuda", kind, "vec" if ",vec>" in row["kernel"] else "scalar")]
+    return BUDGET[("triton", kind, "fp32" if "fp32" in row["kernel"] else "16-bit")]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return aot.report(90)
+
+
+def test_every_kernel_is_compiled(rows):
+    names = {(r["backend"], r["kernel"]) for r in rows}
+    dtypes = ("bf16", "fp16", "fp32")
+    want = {("cuda", f"{k}<{d},{v}>") for k in ("forward", "backward") for d in dtypes for v in ("vec", "scalar")}
+    want |= {("triton", f"{k}<{d}>") for k in ("forward", "backward") for d in dtypes}
+    assert want <= names
+
+
+def test_kernel_budgets(rows):
+    over = []
+    for r in rows:
+        max_registers, max_per_element = _budget(r)
+        if r["local_bytes"]:
+            over.append(f"{r['backend']} {r['kernel']}: {r['local_bytes']} bytes of local memory (spills)")
+        if r["registers"] > max_registers:
+            over.append(f"{r['backend']} {r['kernel']}: {r['registers']} registers > {max_registers}")
+        if r["per_element"] is None or r["per_element"] > max_per_element:
+            over.append(f"{r['backend']} {r['kernel']}: {r['per_element']} instructions/element > {max_per_element}")
+    assert not over, "\n".join(over)
+
+
+def test_hot_loop_finder_on_a_known_loop():
+    """The harness itself: a hand-made SASS loop of 10 instructions loading 16 bytes."""
+    body = [aot.Instr(0x100 + 16 * i, op, "") for i, op in enumerate(
+        ["LDG.E.128", "FADD", "FMUL", "MUFU.EX2", "FADD", "FFMA", "IADD3", "ISETP.GE.AND", "NOP"])]  # fmt: skip
+    body.append(aot.Instr(0x100 + 16 * 9, "BRA", "0x100"))
+    code = aot.KernelCode("k", 16, 0, [aot.Instr(0x0, "MOV", "")] + body + [aot.Instr(0x200, "EXIT", "")])
+    loop = code.hot_loop()
+    assert (loop.start, loop.end, loop.load_bytes()) == (0x100, 0x190, 16)
+    assert code.instructions_per_element(2) == pytest.approx(10 / 8)
