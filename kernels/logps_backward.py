@@ -58,16 +58,27 @@ def _logps_backward_kernel(
     m = tl.load(max_ptr + row)
     log_s = tl.load(log_sum_ptr + row)
     g = tl.load(grad_scale_ptr + n).to(tl.float32)
-    for start in range(0, V, BLOCK_V):
+    # Full blocks without a mask (no per-element bound test), then the masked tail.
+    full = V // BLOCK_V * BLOCK_V
+    for start in range(0, full, BLOCK_V):
         offs = start + cols
+        x = tl.load(x_row + offs).to(tl.float32)
+        tl.store(out_row + offs, _grad(x, offs, label, m, log_s, g).to(out_ptr.dtype.element_ty))
+    if full < V:
+        offs = full + cols
         mask = offs < V
         x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        p = flushed_exp((x - m) - log_s)
-        # At the target, g * (1 - p) in float32: forming -g * p first and adding g
-        # after a cast to bf16/fp16 would cancel catastrophically when p ~ 1.
-        grad = tl.where(offs == label, g * (1.0 - p), -g * p)
-        grad = tl.where(log_s != log_s, log_s, grad)  # undefined row: NaN everywhere
-        tl.store(out_row + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_row + offs, _grad(x, offs, label, m, log_s, g).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad(x, offs, label, m, log_s, g):
+    """``g * (onehot(label) - p)`` for one block of logits ``x`` at columns ``offs``."""
+    p = flushed_exp((x - m) - log_s)
+    # At the target, g * (1 - p) in float32: forming -g * p first and adding g
+    # after a cast to bf16/fp16 would cancel catastrophically when p ~ 1.
+    # An undefined row (log s NaN) is NaN everywhere: flushed_exp keeps NaN.
+    return tl.where(offs == label, g * (1.0 - p), -g * p)
 
 
 def logps_backward(

@@ -32,6 +32,30 @@ from .flushed_exp import flushed_exp
 
 
 @triton.jit
+def _online_step(x, zx, m, s, u, z):
+    """One block of logits ``x`` into the online state: scalar running max ``m``; per-lane
+    ``s = sum exp(x - m)``, ``u = sum exp(x - m) (x - m)`` and ``z += zx`` (``x`` with the
+    masked lanes of a tail block as 0)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # While every logit seen is -inf, m_new is -inf: shift by 0 instead so that
+    # exp(-inf - m_safe) is 0 rather than exp(nan).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # Rescale the old state to the new max: alpha = exp(m - m_new), and as u is
+    # relative to m, sum e_old * alpha * (x - m_new) = alpha * (u + (m - m_new) * s).
+    # While m == -inf every lane of s is 0 and alpha is 0: the shift is then
+    # taken as 0 (never -inf * 0).
+    alpha = flushed_exp(m - m_safe)
+    shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+    d = x - m_safe
+    e = flushed_exp(d)
+    # e == 0 where x == -inf (masked or genuinely -inf): add 0, not 0 * -inf.
+    u = alpha * (u + shift * s) + e * tl.where(e > 0.0, d, 0.0)
+    s = alpha * s + e
+    z += zx
+    return m_new, s, u, z
+
+
+@triton.jit
 def _logps_forward_kernel(
     logits_ptr,  # [N, T, V], any float dtype, last stride 1
     labels_ptr,  # [N * T] int64, contiguous
@@ -72,28 +96,17 @@ def _logps_forward_kernel(
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     u = tl.zeros([BLOCK_V], dtype=tl.float32)
     z = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
+    # Full blocks without a mask (no per-element bound test), then the masked tail.
+    full = V // BLOCK_V * BLOCK_V
+    for start in range(0, full, BLOCK_V):
+        x = tl.load(x_row + start + cols).to(tl.float32)
+        m, s, u, z = _online_step(x, x, m, s, u, z)
+    if full < V:
+        offs = full + cols
         mask = offs < V
         # Masked lanes read -inf: they never win the max and exp() gives them 0.
         x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While every logit seen is -inf, m_new is -inf: shift by 0 instead so that
-        # exp(-inf - m_safe) is 0 rather than exp(nan).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        # Rescale the old state to the new max: alpha = exp(m - m_new), and as u is
-        # relative to m, sum e_old * alpha * (x - m_new) = alpha * (u + (m - m_new) * s).
-        # While m == -inf every lane of s is 0 and alpha is 0: the shift is then
-        # taken as 0 (never -inf * 0).
-        alpha = flushed_exp(m - m_safe)
-        shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
-        d = x - m_safe
-        e = flushed_exp(d)
-        # e == 0 where x == -inf (masked or genuinely -inf): add 0, not 0 * -inf.
-        u = alpha * (u + shift * s) + e * tl.where(e > 0.0, d, 0.0)
-        s = alpha * s + e
-        z += tl.where(mask, x, 0.0)
-        m = m_new
+        m, s, u, z = _online_step(x, tl.where(mask, x, 0.0), m, s, u, z)
 
     s_row = tl.sum(s, axis=0)
     u_row = tl.sum(u, axis=0)

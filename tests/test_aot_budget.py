@@ -28,14 +28,16 @@ pytestmark = pytest.mark.skipif(
 # fp32 24.8 -> 7.9; the scalar kernels, used for rows not 16-byte aligned, 47 -> 26 and
 # 38 -> 27). Still above the targets: the forward keeps per element a convert,
 # max, x - m, clamp, scale, ex2, s += e, t += e d and sum += x (9 essential instructions).
-# Triton, at the launch configuration of V = 128256: forward bf16 115 registers (fp16
-# 125), 26.4 per element; fp32 58, 27.6; backward bf16 48, 25.6; fp32 32, 24.0. Not yet
-# at the 64 registers for the 16-bit forward (a cross-warp max per step).
+# Triton, at the launch configuration of V = 128256 with the run-time specialization of an
+# aligned launch (pointers, V and strides divisible by 16): forward bf16 94 registers,
+# 22.0 per element -> 108, 14.9 (ex2.approx.ftz instead of tl.exp plus the flush, full
+# blocks without a mask); backward bf16 34, 19.5 -> 40, 13.3. Not yet at the 64
+# registers for the 16-bit forward (its running max is a cross-warp reduction per step).
 BUDGET = {  # kernel name prefix -> (max registers, max instructions per element)
     ("cuda", "forward", "vec"): (48, 11.5), ("cuda", "forward", "scalar"): (48, 27.0),
     ("cuda", "backward", "vec"): (48, 9.0), ("cuda", "backward", "scalar"): (48, 28.0),
-    ("triton", "forward", "16-bit"): (128, 27.5), ("triton", "forward", "fp32"): (64, 28.5),
-    ("triton", "backward", "16-bit"): (56, 26.5), ("triton", "backward", "fp32"): (40, 25.0),
+    ("triton", "forward", "16-bit"): (112, 15.5), ("triton", "forward", "fp32"): (56, 16.5),
+    ("triton", "backward", "16-bit"): (48, 14.0), ("triton", "backward", "fp32"): (40, 13.5),
 }  # fmt: skip
 
 

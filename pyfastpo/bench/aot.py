@@ -137,13 +137,20 @@ def compile_cuda(arch: int = 90, source: Path = ROOT / "csrc" / "cuda_logps.cu")
         return parse_cubin(cubin)
 
 
-def compile_triton(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90) -> KernelCode:
-    """Compile one Triton kernel for ``sm_<arch>`` without a GPU; its KernelCode."""
+def compile_triton(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90,
+                   divisible: tuple = ()) -> KernelCode:
+    """Compile one Triton kernel for ``sm_<arch>`` without a GPU; its KernelCode.
+
+    ``divisible``: argument names the launch would find divisible by 16 (pointers
+    16-byte aligned, integers multiples of 16). Triton's JIT specializes on exactly
+    that at run time, and it decides whether loads are vectorized: without it the
+    compiled code is the pessimistic one of an odd vocabulary."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
@@ -184,8 +191,16 @@ def triton_kernels(arch: int = 90, vocab: int = 128256) -> dict:
         bwd = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "max_ptr": "*fp32", "log_sum_ptr": "*fp32",
                "grad_scale_ptr": "*fp32", "out_ptr": f"*{dtype}", **common, "out_stride_n": "i64",
                "out_stride_t": "i64", "ignore_index": "i64", "BLOCK_V": "constexpr"}  # fmt: skip
-        out[f"forward<{dtype}>"] = compile_triton(logps_forward._logps_forward_kernel, fwd, {"BLOCK_V": block}, warps, arch)
-        out[f"backward<{dtype}>"] = compile_triton(logps_backward._logps_backward_kernel, bwd, {"BLOCK_V": block}, warps, arch)
+        # As launched on contiguous logits with V = 128256 (a multiple of 16): aligned
+        # pointers, V and the strides divisible by 16 (T too, in the usual case).
+        aligned = tuple(k for k, v in fwd.items() if v.startswith("*") or k in ("T", "V", "stride_n", "stride_t"))
+        out[f"forward<{dtype}>"] = compile_triton(
+            logps_forward._logps_forward_kernel, fwd, {"BLOCK_V": block}, warps, arch, aligned
+        )
+        aligned = tuple(k for k, v in bwd.items() if v.startswith("*") or k in ("T", "V") or "stride" in k)
+        out[f"backward<{dtype}>"] = compile_triton(
+            logps_backward._logps_backward_kernel, bwd, {"BLOCK_V": block}, warps, arch, aligned
+        )
     return out
 
 
