@@ -9,6 +9,7 @@ Set ``PYFASTPO_NO_CUDA=1`` to skip it.
 """
 
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -73,12 +74,27 @@ class BuildExt(build_ext):
         return None
 
 
+def source_hash() -> str:
+    """sha256 of csrc/ (file names and contents): baked into both extensions as
+    ``source_hash`` so that a test can tell a stale build from the current sources
+    (tests/test_build.py; the same function is written there)."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob("csrc/*")):
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+SOURCE_HASH = [("PFPO_SOURCE_HASH", f'"{source_hash()}"')]
+
 ext_modules = [
     Pybind11Extension(
         "pyfastpo._C",
         ["csrc/bind_cpu.cpp", "csrc/cpu_logps.cpp", "csrc/device_emulation.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
+        define_macros=SOURCE_HASH,
         extra_compile_args=CPU_FLAGS,
         extra_link_args=["-fopenmp"],
     ),
@@ -87,6 +103,7 @@ ext_modules = [
         ["csrc/bind_cuda.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
+        define_macros=SOURCE_HASH,
         extra_compile_args=["-O3"],
         libraries=["cudart_static", "dl", "rt", "pthread"],
     ),

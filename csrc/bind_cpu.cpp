@@ -13,6 +13,9 @@ namespace py = pybind11;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfastpo CPU kernels (OpenMP); see pyfastpo/backends/cpp_backend.py";
   using release = py::call_guard<py::gil_scoped_release>;
+#ifdef PFPO_SOURCE_HASH
+  m.attr("source_hash") = PFPO_SOURCE_HASH;  // of csrc/ at build time (setup.py): tells a stale build
+#endif
   m.def("forward", &pfpo::cpu_forward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
         py::arg("labels"), py::arg("ignore_index"), py::arg("out_stats"), py::arg("num_threads") = 0,

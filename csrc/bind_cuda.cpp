@@ -11,6 +11,9 @@ namespace py = pybind11;
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "pyfastpo CUDA kernels; see pyfastpo/backends/cuda_backend.py";
   using release = py::call_guard<py::gil_scoped_release>;
+#ifdef PFPO_SOURCE_HASH
+  m.attr("source_hash") = PFPO_SOURCE_HASH;  // of csrc/ at build time (setup.py): tells a stale build
+#endif
   m.def("device_count", &pfpo::cuda_device_count, release(),
         "Number of CUDA devices; raises RuntimeError when there is none.");
   m.def("forward", &pfpo::cuda_forward, release(), py::arg("logits"), py::arg("dtype"),

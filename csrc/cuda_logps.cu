@@ -156,7 +156,8 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
       }
       if (i < nvec) {
         float x[K];
-        load_vec<T>(vrow[i], x);
+        const uint4 raw = vrow[i];  // one 16-byte load (bound by reference, it became K scalar loads)
+        load_vec<T>(raw, x);
         update_k<K>(st, x);
       }
       done = nvec * K;
@@ -205,7 +206,14 @@ __global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64
     const T* row = logits + n * stride_n + t * stride_t;
     T* orow = out + n * out_stride_n + t * out_stride_t;
     if (is_ignored(y, ignore_index, V)) {  // block-uniform: zeros, the row is never read
-      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) orow[i] = from_f<T>(0.0f);
+      int64_t done = 0;
+      if (VEC) {  // 16-byte zero stores: many rows are prompt tokens
+        const int64_t nvec = V / Vec16<T>::K;
+        uint4* vout = reinterpret_cast<uint4*>(orow);
+        for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) vout[i] = make_uint4(0, 0, 0, 0);
+        done = nvec * Vec16<T>::K;
+      }
+      for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) orow[i] = from_f<T>(0.0f);
       continue;
     }
     // An undefined row (log s NaN) gets NaN everywhere: exp of NaN is NaN on the device.
@@ -229,7 +237,10 @@ __global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64
         vout[i] = ra;
         vout[i2] = rb;
       }
-      if (i < nvec) vout[i] = grad_vec<T>(vrow[i], m, ls, g);
+      if (i < nvec) {
+        const uint4 raw = vrow[i];  // one 16-byte load (bound by reference, it became K scalar loads)
+        vout[i] = grad_vec<T>(raw, m, ls, g);
+      }
       if (owns_target) orow[y] = from_f<T>(grad_target(xy, m, ls, g));
       done = nvec * K;
     }

@@ -6,7 +6,13 @@
 // each of `threads` threads folds its strided 16-byte vectors with update_k
 // (then the scalar tail with update), lanes merge by the xor-shuffle tree of
 // warp_reduce, warps through the shared-memory step of block_reduce, thread 0
-// finalizes. Same order of operations, so same special-value behaviour.
+// finalizes. The same algorithm and order of reduction, so the same special-value
+// behaviour; the same numbers only up to FMA contraction (nvcc fuses t + d*s and
+// c*s + e into FFMAs, the host build here does not) and the error of the GPU's
+// ex2.approx (~2 ulp; exp2f here): compare with a tolerance, never bit for bit.
+// Only the math is replayed, not which thread touches which element: the
+// in-place ownership of the backward is checked on a model of its schedule
+// (tests/test_device_emulation.py::test_in_place_backward_schedule_is_race_free).
 //
 // The namespace is renamed: the header's inline functions differ from the
 // host build's (another pfpo_exp), and two definitions under one name would

@@ -19,11 +19,13 @@
 // Special values, without branches: a shift d = x - m is clamped to
 // [PFPO_D_MIN, +inf) before exp, so -inf logits (masked vocabulary entries)
 // and the empty state (m = -inf) contribute exactly 0 instead of 0 * inf = nan;
-// a NaN logit can be dropped by the max and the clamps, so the state counts
-// NaNs apart (nan, a select per element; sum_x is no witness: finite logits of
-// 1e35 and -1e35 sum to inf - inf = NaN). finalize() marks a row UNDEFINED (log s = entropy = NaN, hence NaN
-// logp and NaN gradient in every backend) when it holds a NaN, a +inf, or only
-// -inf logits: softmax is not defined there, and a finite number would hide it.
+// a NaN logit can be dropped by the max and the clamps, so NaNs are counted
+// apart (State::nan), off the hot loops: a NaN always makes sum_x NaN, so only
+// a row whose sum_x is NaN is read again to count them (sum_x alone is no
+// witness: finite logits of 1e35 and -1e35 sum to inf - inf = NaN). finalize()
+// marks a row UNDEFINED (log s = entropy = NaN, hence NaN logp and NaN gradient
+// in every backend) when it holds a NaN, a +inf, or only -inf logits: softmax
+// is not defined there, and a finite number would hide it.
 #pragma once
 
 #include <stdint.h>

@@ -110,3 +110,55 @@ def test_device_backward_matches_host(name):
     stat = (torch.tensor([[m]]), torch.tensor([[log_s]]))
     cpp_backend.backward(row.view(1, 1, -1), torch.tensor([[y]]), *stat, torch.tensor([0.7]), -100, host)
     torch.testing.assert_close(device, host.view(-1), rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
+def _backward_schedule(v: int, k: int, threads: int, y: int) -> dict:
+    """cuda_logps.cu's backward, vector path, as each thread's ordered reads ('r') and
+    writes ('w', element, 'target' or 'other'): pairs of vectors i, i + threads, one
+    remaining vector, the target's owner reading x_y first and writing it last, the tail."""
+    nvec = v // k
+    schedule = {}
+    for tid in range(threads):
+        ops, owner = [], y < nvec * k and (y // k) % threads == tid
+        if owner:
+            ops.append(("r", y))
+        i = tid
+        vectors = []
+        while i + threads < nvec:
+            vectors.append((i, i + threads))
+            i += 2 * threads
+        if i < nvec:
+            vectors.append((i,))
+        for group in vectors:
+            ops += [("r", j * k + c) for j in group for c in range(k)]
+            ops += [("w", j * k + c, "other") for j in group for c in range(k)]
+        if owner:
+            ops.append(("w", y, "target"))
+        for e in range(nvec * k + tid, v, threads):
+            ops += [("r", e), ("w", e, "target" if e == y else "other")]
+        schedule[tid] = ops
+    return schedule
+
+
+@pytest.mark.parametrize("k,threads", [(8, 32), (4, 64), (8, 96)])
+def test_in_place_backward_schedule_is_race_free(k, threads):
+    """A model of the kernel's element ownership (the host replay above checks its math,
+    not this): with out == logits, no thread reads an element after any thread wrote it,
+    every element is written by exactly one thread, the target's last write is
+    g (1 - p_y) — for a target in the paired vectors, the remaining one or the tail."""
+    for v in list(range(0, 3 * threads * k + 2 * k + 3, 7)) + [10 * threads * k + 7]:
+        for y in {0, max(v - 1, 0), v // 2, (v // k) * k, threads * k, 2 * threads * k - 1}:
+            if y >= v:
+                continue
+            writer, final, read = {}, {}, {}
+            for tid, ops in _backward_schedule(v, k, threads, y).items():
+                for op in ops:
+                    if op[0] == "r":
+                        assert writer.get(op[1], tid) == tid, (v, y, tid, op)
+                        read.setdefault(op[1], set()).add(tid)
+                    else:
+                        assert writer.setdefault(op[1], tid) == tid, ("two writers", v, y, op)
+                        final[op[1]] = op[2]
+            assert set(writer) == set(range(v)), "every element written"
+            assert all(read[e] <= {writer[e]} for e in read), "read only by its writer"
+            assert all(final[e] == ("target" if e == y else "other") for e in range(v))
