@@ -93,6 +93,7 @@ ext_modules = [
         "pyfastpo._C",
         ["csrc/bind_cpu.cpp", "csrc/cpu_logps.cpp", "csrc/device_emulation.cpp"],
         include_dirs=["csrc"],
+        depends=glob.glob("csrc/*"),  # rebuilt when any source changes (the hash above too)
         cxx_std=17,
         define_macros=SOURCE_HASH,
         extra_compile_args=CPU_FLAGS,
@@ -102,6 +103,7 @@ ext_modules = [
         "pyfastpo._cuda",
         ["csrc/bind_cuda.cpp"],
         include_dirs=["csrc"],
+        depends=glob.glob("csrc/*"),  # the .cu is compiled apart: relink when any source changes
         cxx_std=17,
         define_macros=SOURCE_HASH,
         extra_compile_args=["-O3"],

@@ -98,6 +98,16 @@ __device__ __forceinline__ State block_reduce(State st, State* shared) {
   return st;
 }
 
+// Elements of T before the first 16-byte boundary of a row (0..K-1, at most V):
+// they are peeled off so that any row, whatever its offset, streams in 16-byte
+// vectors (a row starts at least T-aligned: a tensor's elements always are).
+template <typename T>
+__device__ __forceinline__ int64_t lead_elements(const T* row, int64_t V) {
+  const int64_t bytes = (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % 16)) % 16;
+  const int64_t lead = bytes / static_cast<int64_t>(sizeof(T));
+  return lead < V ? lead : V;
+}
+
 // Loads a 16-byte vector of T as K floats.
 template <typename T>
 __device__ __forceinline__ void load_vec(const uint4& raw, float* x) {
@@ -142,10 +152,13 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
     State st = empty_state();
     int64_t done = 0;
     if (VEC) {
-      // Two 16-byte loads in flight per thread, one re-base per pair of vectors.
+      // The few elements before the row's first 16-byte boundary, one per thread;
+      // then two 16-byte loads in flight per thread, one re-base per pair of vectors.
       constexpr int K = Vec16<T>::K;
-      const int64_t nvec = V / K;
-      const uint4* vrow = reinterpret_cast<const uint4*>(row);
+      const int64_t lead = lead_elements(row, V);
+      if (threadIdx.x < lead) update(st, to_f(row[threadIdx.x]));
+      const int64_t nvec = (V - lead) / K;
+      const uint4* vrow = reinterpret_cast<const uint4*>(row + lead);
       int64_t i = threadIdx.x;
       for (; i + blockDim.x < nvec; i += 2 * blockDim.x) {
         const uint4 a = vrow[i], b = vrow[i + blockDim.x];
@@ -160,7 +173,7 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
         load_vec<T>(raw, x);
         update_k<K>(st, x);
       }
-      done = nvec * K;
+      done = lead + nvec * K;
     }
     for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) update(st, to_f(row[i]));
     st = block_reduce(st, shared);
@@ -207,11 +220,13 @@ __global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64
     T* orow = out + n * out_stride_n + t * out_stride_t;
     if (is_ignored(y, ignore_index, V)) {  // block-uniform: zeros, the row is never read
       int64_t done = 0;
-      if (VEC) {  // 16-byte zero stores: many rows are prompt tokens
-        const int64_t nvec = V / Vec16<T>::K;
-        uint4* vout = reinterpret_cast<uint4*>(orow);
+      if (VEC) {  // 16-byte zero stores after the peeled lead: many rows are prompt tokens
+        const int64_t lead = lead_elements(orow, V);
+        if (threadIdx.x < lead) orow[threadIdx.x] = from_f<T>(0.0f);
+        const int64_t nvec = (V - lead) / Vec16<T>::K;
+        uint4* vout = reinterpret_cast<uint4*>(orow + lead);
         for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) vout[i] = make_uint4(0, 0, 0, 0);
-        done = nvec * Vec16<T>::K;
+        done = lead + nvec * Vec16<T>::K;
       }
       for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) orow[i] = from_f<T>(0.0f);
       continue;
@@ -223,12 +238,20 @@ __global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64
       // Every element is read, then written, by the same thread (out may alias
       // logits). The thread whose vectors hold the target reads its logit before
       // any of its stores and rewrites that column after them: no per-element test.
+      // The elements before the first 16-byte boundary are peeled off, one per
+      // thread (logits and out share the misalignment: checked on the host).
       constexpr int K = Vec16<T>::K;
-      const int64_t nvec = V / K;
-      const bool owns_target = y < nvec * K && (y / K) % blockDim.x == threadIdx.x;
+      const int64_t lead = lead_elements(row, V);
+      if (threadIdx.x < lead) {
+        const int64_t v = threadIdx.x;
+        const float x = to_f(row[v]);
+        orow[v] = from_f<T>(v == y ? grad_target(x, m, ls, g) : grad_other(x, m, ls, g));
+      }
+      const int64_t nvec = (V - lead) / K;
+      const bool owns_target = y >= lead && y < lead + nvec * K && ((y - lead) / K) % blockDim.x == threadIdx.x;
       const float xy = owns_target ? to_f(row[y]) : 0.0f;
-      const uint4* vrow = reinterpret_cast<const uint4*>(row);
-      uint4* vout = reinterpret_cast<uint4*>(orow);
+      const uint4* vrow = reinterpret_cast<const uint4*>(row + lead);
+      uint4* vout = reinterpret_cast<uint4*>(orow + lead);
       int64_t i = threadIdx.x;
       for (; i + blockDim.x < nvec; i += 2 * blockDim.x) {  // two 16-byte loads in flight
         const int64_t i2 = i + blockDim.x;
@@ -242,7 +265,7 @@ __global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64
         vout[i] = grad_vec<T>(raw, m, ls, g);
       }
       if (owns_target) orow[y] = from_f<T>(grad_target(xy, m, ls, g));
-      done = nvec * K;
+      done = lead + nvec * K;
     }
     for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) {
       const float x = to_f(row[i]);
@@ -261,8 +284,11 @@ unsigned blocks_for(int64_t rows) {
   return static_cast<unsigned>(rows < (int64_t(1) << 30) ? rows : (int64_t(1) << 30));
 }
 
-bool aligned16(uintptr_t ptr, int64_t es, int64_t stride_n, int64_t stride_t) {
-  return ptr % 16 == 0 && (stride_n * es) % 16 == 0 && (stride_t * es) % 16 == 0;
+// Whether every row of out has the same offset from a 16-byte boundary as the
+// same row of logits (in place: always), so that one peel aligns both.
+bool same_misalignment(uintptr_t logits, uintptr_t out, int64_t es, int64_t sn, int64_t st,
+                       int64_t osn, int64_t ost) {
+  return (out - logits) % 16 == 0 && ((osn - sn) * es) % 16 == 0 && ((ost - st) * es) % 16 == 0;
 }
 
 void prepare(int device) {
@@ -275,9 +301,8 @@ void launch_forward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int64
                     int64_t st, uintptr_t labels, int64_t ignore_index, uintptr_t out,
                     cudaStream_t stream) {
   const int64_t rows = N * T_len;
-  const bool vec = aligned16(logits, sizeof(T), sn, st);
-  auto kernel = vec ? forward_kernel<T, true> : forward_kernel<T, false>;
-  kernel<<<blocks_for(rows), threads_for(V), 0, stream>>>(
+  // Every row streams in 16-byte vectors after peeling its misaligned lead.
+  forward_kernel<T, true><<<blocks_for(rows), threads_for(V), 0, stream>>>(
       reinterpret_cast<const T*>(logits), T_len, V, sn, st,
       reinterpret_cast<const int64_t*>(labels), ignore_index, reinterpret_cast<float*>(out), rows);
   PFPO_CHECK(cudaGetLastError());
@@ -289,7 +314,9 @@ void launch_backward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int6
                      int64_t ignore_index, uintptr_t out, int64_t osn, int64_t ost,
                      cudaStream_t stream) {
   const int64_t rows = N * T_len;
-  const bool vec = aligned16(logits, sizeof(T), sn, st) && aligned16(out, sizeof(T), osn, ost);
+  // Vectors after a peel when out and logits share every row's misalignment (in
+  // place, always); else the scalar kernel.
+  const bool vec = same_misalignment(logits, out, sizeof(T), sn, st, osn, ost);
   auto kernel = vec ? backward_kernel<T, true> : backward_kernel<T, false>;
   kernel<<<blocks_for(rows), threads_for(V), 0, stream>>>(
       reinterpret_cast<const T*>(logits), T_len, V, sn, st,

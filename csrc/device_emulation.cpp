@@ -52,21 +52,27 @@ std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t 
   std::vector<dev::State> st(threads, dev::empty_state());
   int64_t done = 0;
   if (vec == 4) {
-    // Two 16-byte vectors per step, one re-base per pair (cuda_logps.cu's forward loop).
-    const int64_t nvec = V / 4;
+    // The lead before the row's first 16-byte boundary (of the row's real address,
+    // as the kernel computes it), one element per thread; then two 16-byte vectors
+    // per step, one re-base per pair (cuda_logps.cu's forward loop).
+    int64_t lead = static_cast<int64_t>((16 - row_ptr % 16) % 16) / 4;
+    lead = lead < V ? lead : V;
+    for (int tid = 0; tid < lead; ++tid) dev::update(st[tid], row[tid]);
+    const float* vrow = row + lead;
+    const int64_t nvec = (V - lead) / 4;
     for (int tid = 0; tid < threads; ++tid) {
       int64_t i = tid;
       for (; i + threads < nvec; i += 2 * threads) {
         float x[8];
-        for (int k = 0; k < 4; ++k) x[k] = row[4 * i + k], x[4 + k] = row[4 * (i + threads) + k];
+        for (int k = 0; k < 4; ++k) x[k] = vrow[4 * i + k], x[4 + k] = vrow[4 * (i + threads) + k];
         dev::update_k<8>(st[tid], x);
       }
       if (i < nvec) {
-        const float x[4] = {row[4 * i], row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]};
+        const float x[4] = {vrow[4 * i], vrow[4 * i + 1], vrow[4 * i + 2], vrow[4 * i + 3]};
         dev::update_k<4>(st[tid], x);
       }
     }
-    done = nvec * 4;
+    done = lead + nvec * 4;
   }
   for (int tid = 0; tid < threads; ++tid)
     for (int64_t i = done + tid; i < V; i += threads) dev::update(st[tid], row[i]);

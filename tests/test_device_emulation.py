@@ -18,9 +18,15 @@ from pyfastpo.backends import cpp_backend
 EXP_LO = -87.33654  # PFPO_EXP_LO in csrc/logps_math.h
 
 
-def device_forward(row: torch.Tensor, y: int, threads: int, vec: int) -> list[float]:
-    row = row.float().contiguous()
-    return _C.emulate_device_forward(row.data_ptr(), row.numel(), y, threads, vec)
+def device_forward(row: torch.Tensor, y: int, threads: int, vec: int, offset: int = 0) -> list[float]:
+    """The emulated kernel on ``row`` placed ``offset`` floats past a 16-byte boundary
+    (the kernel peels the elements before the next boundary)."""
+    buf = torch.empty(row.numel() + 8, dtype=torch.float32)
+    base = (-(buf.data_ptr() // 4)) % 4  # first 16-byte aligned element of buf
+    view = buf[base + offset : base + offset + row.numel()]
+    view.copy_(row.float())
+    assert view.data_ptr() % 16 == 4 * offset
+    return _C.emulate_device_forward(view.data_ptr(), view.numel(), y, threads, vec)
 
 
 def host_forward(row: torch.Tensor, y: int) -> list[float]:
@@ -82,12 +88,12 @@ def test_device_exp_follows_the_host_rule():
     assert torch.all(rel <= 3e-7 + x[~low].double().abs() * 1e-7)
 
 
-@pytest.mark.parametrize("threads,vec", [(32, 0), (128, 4), (512, 4)])
+@pytest.mark.parametrize("threads,vec,offset", [(32, 0, 0), (128, 4, 0), (512, 4, 0), (128, 4, 1), (64, 4, 3)])
 @pytest.mark.parametrize("name", list(ROWS))
-def test_device_forward_matches_host(name, threads, vec):
+def test_device_forward_matches_host(name, threads, vec, offset):
     row = ROWS[name]
     y = 1 if name != "huge finite of both signs" else 0
-    dev, host = device_forward(row, y, threads, vec), host_forward(row, y)
+    dev, host = device_forward(row, y, threads, vec, offset), host_forward(row, y)
     labels = ("logp", "row_max", "log_sum", "entropy", "sum_logits")
     for label, d, h in zip(labels, dev, host):
         if label == "sum_logits" and name == "huge finite of both signs":
@@ -112,14 +118,19 @@ def test_device_backward_matches_host(name):
     torch.testing.assert_close(device, host.view(-1), rtol=1e-5, atol=1e-7, equal_nan=True)
 
 
-def _backward_schedule(v: int, k: int, threads: int, y: int) -> dict:
+def _backward_schedule(v: int, k: int, threads: int, y: int, lead: int = 0) -> dict:
     """cuda_logps.cu's backward, vector path, as each thread's ordered reads ('r') and
-    writes ('w', element, 'target' or 'other'): pairs of vectors i, i + threads, one
-    remaining vector, the target's owner reading x_y first and writing it last, the tail."""
-    nvec = v // k
+    writes ('w', element, 'target' or 'other'): the peeled lead (one element per
+    thread), pairs of vectors i, i + threads, one remaining vector, the target's owner
+    reading x_y first and writing it last, the tail."""
+    lead = min(lead, v)
+    nvec = (v - lead) // k
     schedule = {}
     for tid in range(threads):
-        ops, owner = [], y < nvec * k and (y // k) % threads == tid
+        ops = []
+        if tid < lead:
+            ops += [("r", tid), ("w", tid, "target" if tid == y else "other")]
+        owner = lead <= y < lead + nvec * k and ((y - lead) // k) % threads == tid
         if owner:
             ops.append(("r", y))
         i = tid
@@ -130,28 +141,28 @@ def _backward_schedule(v: int, k: int, threads: int, y: int) -> dict:
         if i < nvec:
             vectors.append((i,))
         for group in vectors:
-            ops += [("r", j * k + c) for j in group for c in range(k)]
-            ops += [("w", j * k + c, "other") for j in group for c in range(k)]
+            ops += [("r", lead + j * k + c) for j in group for c in range(k)]
+            ops += [("w", lead + j * k + c, "other") for j in group for c in range(k)]
         if owner:
             ops.append(("w", y, "target"))
-        for e in range(nvec * k + tid, v, threads):
+        for e in range(lead + nvec * k + tid, v, threads):
             ops += [("r", e), ("w", e, "target" if e == y else "other")]
         schedule[tid] = ops
     return schedule
 
 
-@pytest.mark.parametrize("k,threads", [(8, 32), (4, 64), (8, 96)])
-def test_in_place_backward_schedule_is_race_free(k, threads):
+@pytest.mark.parametrize("k,threads,lead", [(8, 32, 0), (4, 64, 0), (8, 96, 0), (8, 32, 5), (4, 64, 3)])
+def test_in_place_backward_schedule_is_race_free(k, threads, lead):
     """A model of the kernel's element ownership (the host replay above checks its math,
     not this): with out == logits, no thread reads an element after any thread wrote it,
     every element is written by exactly one thread, the target's last write is
     g (1 - p_y) — for a target in the paired vectors, the remaining one or the tail."""
     for v in list(range(0, 3 * threads * k + 2 * k + 3, 7)) + [10 * threads * k + 7]:
-        for y in {0, max(v - 1, 0), v // 2, (v // k) * k, threads * k, 2 * threads * k - 1}:
+        for y in {0, 1, lead, max(v - 1, 0), v // 2, (v // k) * k, lead + threads * k, 2 * threads * k - 1}:
             if y >= v:
                 continue
             writer, final, read = {}, {}, {}
-            for tid, ops in _backward_schedule(v, k, threads, y).items():
+            for tid, ops in _backward_schedule(v, k, threads, y, lead).items():
                 for op in ops:
                     if op[0] == "r":
                         assert writer.get(op[1], tid) == tid, (v, y, tid, op)
