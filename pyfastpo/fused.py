@@ -8,10 +8,11 @@ import torch
 
 from .backends import get_backend
 from .losses import PreferenceLossOutput, preference_loss
+from .losses.options import loss_types
 from .losses.pairwise import MALLOWS
 from .losses.preference_loss import check_loss_kwargs
 from .sequence_logps import SequenceLogps, sequence_logps
-from .validation import check_logits_labels, check_pairs, check_plain_tensor
+from .validation import check_logits_labels, check_pairs, check_reference_input
 
 
 class FusedPreferenceLossOutput(NamedTuple):
@@ -69,11 +70,7 @@ def fused_preference_loss(
     check_pairs(logits.shape[0])
     get_backend(backend, logits.device, logits.dtype)
     if ref_logits is not None:
-        if ref_chosen_logps is not None or ref_rejected_logps is not None:
-            raise ValueError("give ref_logits or ref_chosen_logps/ref_rejected_logps, not both")
-        check_plain_tensor("ref_logits", ref_logits)
-        if tuple(ref_logits.shape) != tuple(logits.shape):
-            raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
+        check_reference_input("ref_logits", ref_logits, "logits", logits, ref_chosen_logps, ref_rejected_logps)
         check_logits_labels(ref_logits, labels, ignore_index, name="ref_logits")
         get_backend(backend, ref_logits.device, ref_logits.dtype)
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, logits.shape[0] // 2, logits.device)
@@ -125,10 +122,9 @@ def _preference_from_stats(
     the reference: splits chosen/rejected halves, fills token counts, reference
     entropies and ``vocab_size`` in for the losses, adds TRL's ``logits/*`` metrics."""
     loss_kwargs = dict(loss_kwargs)
-    types = {loss_type} if isinstance(loss_type, str) else set(loss_type)
     if reference is not None:
         ref_chosen_logps, ref_rejected_logps = reference.logps.chunk(2)
-        if reference.entropy is not None and MALLOWS & types:
+        if reference.entropy is not None and MALLOWS & set(loss_types(loss_type)):
             loss_kwargs["ref_chosen_entropy"], loss_kwargs["ref_rejected_entropy"] = reference.entropy.chunk(2)
     chosen_logps, rejected_logps = policy.logps.chunk(2)
     nc, nr = policy.num_tokens.chunk(2)

@@ -25,7 +25,14 @@ from .backends import TokenStats, get_backend
 from .fused import FusedPreferenceLossOutput, _preference_from_stats, check_reference_logps
 from .losses.preference_loss import check_loss_kwargs
 from .sequence_logps import SequenceLogps, first_order_only, reduce_tokens
-from .validation import FLOAT_DTYPES, check_labels, check_pairs, check_plain_tensor, check_same_device
+from .validation import (
+    FLOAT_DTYPES,
+    check_labels,
+    check_pairs,
+    check_plain_tensor,
+    check_reference_input,
+    check_same_device,
+)
 
 DEFAULT_MEMORY_BUDGET = 256 << 20
 """Bytes of chunk logits held at once when neither chunk_tokens nor a budget is given."""
@@ -248,11 +255,7 @@ def linear_preference_loss(
     get_backend(backend, hidden.device, proj)
     _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj)
     if ref_hidden is not None:
-        if ref_chosen_logps is not None or ref_rejected_logps is not None:
-            raise ValueError("give ref_hidden or ref_chosen_logps/ref_rejected_logps, not both")
-        check_plain_tensor("ref_hidden", ref_hidden)
-        if tuple(ref_hidden.shape) != tuple(hidden.shape):
-            raise ValueError(f"ref_hidden shape {tuple(ref_hidden.shape)} must equal hidden shape {tuple(hidden.shape)}")
+        check_reference_input("ref_hidden", ref_hidden, "hidden", hidden, ref_chosen_logps, ref_rejected_logps)
         ref_w = weight if ref_weight is None else ref_weight
         ref_b = bias if ref_weight is None and ref_bias is None else ref_bias
         check_plain_tensor("ref_weight", ref_w)

@@ -101,6 +101,17 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
     return labels
 
 
+def check_reference_input(name: str, ref, like_name: str, like: torch.Tensor, ref_chosen_logps, ref_rejected_logps) -> None:
+    """A reference model's input ``ref`` (logits or hidden states) given with the
+    policy's ``like``: a plain tensor of the same shape, and not together with
+    precomputed reference log-probs."""
+    if ref_chosen_logps is not None or ref_rejected_logps is not None:
+        raise ValueError(f"give {name} or ref_chosen_logps/ref_rejected_logps, not both")
+    check_plain_tensor(name, ref)
+    if tuple(ref.shape) != tuple(like.shape):
+        raise ValueError(f"{name} shape {tuple(ref.shape)} must equal {like_name} shape {tuple(like.shape)}")
+
+
 def check_flags(**flags) -> None:
     """Raise ValueError unless every flag is a bool (``"no"`` would be truthy and switch it on)."""
     for name, value in flags.items():

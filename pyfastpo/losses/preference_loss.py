@@ -260,7 +260,7 @@ def check_loss_kwargs(
         raise ValueError(f"{computed} are computed from the labels and logits here; do not pass them")
     scalars = {k: v for k, v in loss_kwargs.items() if k in _SCALAR_ARGS}
     dispersion = loss_kwargs.get("dispersion")
-    check_loss_options(loss_type, **scalars, dispersion_given=dispersion is not None, vocab_size=vocab_size)
+    types = set(check_loss_options(loss_type, **scalars, dispersion_given=dispersion is not None, vocab_size=vocab_size).types)
     for name in _VECTOR_ARGS:
         value = loss_kwargs.get(name)
         _check_vector(name, value, num_pairs)
@@ -268,7 +268,6 @@ def check_loss_kwargs(
             raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to(device)")
     if dispersion is not None:
         check_dispersion(dispersion)
-    types = {loss_type} if isinstance(loss_type, str) else set(loss_type)
     if not MALLOWS & types:
         unread = [k for k in ("dispersion", "ref_chosen_entropy", "ref_rejected_entropy") if loss_kwargs.get(k) is not None]
         if unread:
