@@ -6,20 +6,24 @@
 // GPU. (A warp per row would only pay off for V below a few thousand, which is
 // not this library's case; small V stays correct, just not tuned.)
 //
-// Each thread keeps an online state {m, s, t, sum_x} (logps_math.h) in
-// registers, updated once per pair of 16-byte vectors (update_k: one re-base
-// per pair, one exp per element: ex2.approx, see device_exp); states are merged
-// with __shfl_xor_sync inside a warp, then across warps through shared memory.
-// Reduction order is fixed for a given V, so results are deterministic. NaN
-// logits are counted only in a row whose sum of logits is NaN (a second read
-// of that row), so the hot loop carries no NaN test. Instruction counts of the
-// inner loops (SASS, sm_90) are checked in CI: tests/test_aot_budget.py.
+// Forward: each thread keeps an online state {m, s, t, sum_x} (logps_math.h) in
+// registers, updated once per 4 16-byte vectors in flight (one re-base per step).
+// The hot pass works in base 2 (update2_k: one FFMA, one ex2.approx, three adds per
+// element, a packed max for 16-bit types); a row it cannot finish exactly (a
+// non-finite logit, |max| >= 2^24: fast_state_ok) is read again by the exact
+// natural-units pass, which also counts NaNs where the sum of logits is NaN.
+// States are merged with __shfl_xor_sync inside a warp, then across warps through
+// shared memory. Reduction order is fixed for a given V, so results are
+// deterministic. Instruction counts of the inner loops (SASS, sm_90) are checked in
+// CI: tests/test_aot_budget.py; the per-row math is replayed on the host in
+// csrc/device_emulation.cpp and tested there.
 //
-// Vector loads need every row start (and, in backward, every output row
-// start) 16-byte aligned: checked on the host from the base pointers and the
-// strides; otherwise the scalar kernel runs. Backward reads each element once
-// and writes it once, by the same thread, so out may alias logits (no
-// __restrict__ / __ldg on that path). All offsets are int64.
+// Rows stream in 16-byte vectors after peeling the few elements before their first
+// 16-byte boundary. Backward: -g p = g' 2^fma(x, log2e, -k) per element (FastGrad),
+// read and written by the same thread, so out may alias logits (no __restrict__ /
+// __ldg on that path); an out-of-place output misaligned unlike the logits takes the
+// scalar kernel. The block size is a template argument (immediate load offsets);
+// offsets between rows are int64, a row's vector index int32 (V < 2^31, checked).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -27,6 +31,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda_logps.h"
 #include "logps_math.h"
@@ -63,10 +68,21 @@ struct Vec16 {
   static constexpr int K = 16 / sizeof(T);
 };
 
+// 16-byte vectors each thread has in flight per step of the streaming loops: at
+// 512 threads, 2 blocks per SM, 64 KiB of loads in flight per SM, and the loop's
+// bookkeeping (addresses, branch, re-base) spread over 4 vectors.
+constexpr int kUnroll = 4;
+
 __device__ __forceinline__ bool is_ignored(int64_t y, int64_t ignore_index, int64_t V) {
   return y == ignore_index || y < 0 || y >= V;  // out-of-range labels are never read
 }
 
+template <bool BASE2>
+__device__ __forceinline__ State merge_any(State a, State b) {
+  return BASE2 ? merge2(a, b) : merge(a, b);
+}
+
+template <bool BASE2>
 __device__ __forceinline__ State shfl_merge(State a, int offset) {
   State b;
   b.m = __shfl_xor_sync(0xffffffffu, a.m, offset);
@@ -74,27 +90,29 @@ __device__ __forceinline__ State shfl_merge(State a, int offset) {
   b.t = __shfl_xor_sync(0xffffffffu, a.t, offset);
   b.sum_x = __shfl_xor_sync(0xffffffffu, a.sum_x, offset);
   b.nan = __shfl_xor_sync(0xffffffffu, a.nan, offset);
-  return merge(a, b);
+  return merge_any<BASE2>(a, b);
 }
 
+template <bool BASE2>
 __device__ __forceinline__ State warp_reduce(State st) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) st = shfl_merge(st, off);
+  for (int off = 16; off > 0; off >>= 1) st = shfl_merge<BASE2>(st, off);
   return st;
 }
 
 // The state of the whole block in thread 0 (others get garbage). blockDim.x is
-// a multiple of 32 and at most 1024.
+// a multiple of 32 and at most 1024. BASE2: states of the fast path (merge2).
+template <bool BASE2>
 __device__ __forceinline__ State block_reduce(State st, State* shared) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  st = warp_reduce(st);
+  st = warp_reduce<BASE2>(st);
   if (lane == 0) shared[warp] = st;
   __syncthreads();
   if (warp == 0) {
     st = lane < nwarps ? shared[lane] : empty_state();
-    st = warp_reduce(st);
+    st = warp_reduce<BASE2>(st);
   }
-  __syncthreads();  // shared is reused by the next row
+  __syncthreads();  // shared is reused by the next reduction
   return st;
 }
 
@@ -108,12 +126,124 @@ __device__ __forceinline__ int64_t lead_elements(const T* row, int64_t V) {
   return lead < V ? lead : V;
 }
 
-// Loads a 16-byte vector of T as K floats.
+// ---------------------------------------------------------------- 16-byte vectors <-> floats
+// One instruction per element: a bfloat16 is the top half of a float32, so the
+// low half of a 32-bit word is a shift and the high half a mask (the intrinsics
+// spend a PRMT more); fp16 converts by HADD2.F32.
 template <typename T>
-__device__ __forceinline__ void load_vec(const uint4& raw, float* x) {
-  const T* in = reinterpret_cast<const T*>(&raw);
+__device__ __forceinline__ void load_vec(const uint4& raw, float* x);
+template <>
+__device__ __forceinline__ void load_vec<float>(const uint4& raw, float* x) {
+  x[0] = __uint_as_float(raw.x), x[1] = __uint_as_float(raw.y);
+  x[2] = __uint_as_float(raw.z), x[3] = __uint_as_float(raw.w);
+}
+template <>
+__device__ __forceinline__ void load_vec<__nv_bfloat16>(const uint4& raw, float* x) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-  for (int k = 0; k < Vec16<T>::K; ++k) x[k] = to_f(in[k]);
+  for (int j = 0; j < 4; ++j) x[2 * j] = __uint_as_float(w[j] << 16), x[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+}
+template <>
+__device__ __forceinline__ void load_vec<__half>(const uint4& raw, float* x) {
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    x[2 * j] = f.x, x[2 * j + 1] = f.y;
+  }
+}
+
+// The K gradients of one vector, rounded to T and packed (16-bit: one F2FP per pair).
+template <typename T>
+__device__ __forceinline__ uint4 store_vec(const float* g);
+template <>
+__device__ __forceinline__ uint4 store_vec<float>(const float* g) {
+  return make_uint4(__float_as_uint(g[0]), __float_as_uint(g[1]), __float_as_uint(g[2]), __float_as_uint(g[3]));
+}
+template <>
+__device__ __forceinline__ uint4 store_vec<__nv_bfloat16>(const float* g) {
+  uint4 res;
+  __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) o[j] = __floats2bfloat162_rn(g[2 * j], g[2 * j + 1]);
+  return res;
+}
+template <>
+__device__ __forceinline__ uint4 store_vec<__half>(const float* g) {
+  uint4 res;
+  __half2* o = reinterpret_cast<__half2*>(&res);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) o[j] = __floats2half2_rn(g[2 * j], g[2 * j + 1]);
+  return res;
+}
+
+// Max of N vectors. 16-bit: a packed max over the raw words (exact: max never
+// rounds; a NaN lane is dropped as by fmaxf), half an instruction per element.
+template <typename T, int N>
+__device__ __forceinline__ float vec_max(const uint4 (&v)[N]) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    float x[Vec16<T>::K];
+    load_vec<T>(v[u], x);
+#pragma unroll
+    for (int k = 0; k < Vec16<T>::K; ++k) m = fmaxf(m, x[k]);
+  }
+  return m;
+}
+template <typename H2, int N>
+__device__ __forceinline__ H2 packed_max(const uint4 (&v)[N]) {
+  const H2* w = reinterpret_cast<const H2*>(&v[0]);
+  H2 acc = w[0];
+#pragma unroll
+  for (int j = 1; j < 4 * N; ++j) acc = __hmax2(acc, w[j]);
+  return acc;
+}
+template <>
+__device__ __forceinline__ float vec_max<__nv_bfloat16, kUnroll>(const uint4 (&v)[kUnroll]) {
+  const __nv_bfloat162 acc = packed_max<__nv_bfloat162, kUnroll>(v);
+  return fmaxf(__low2float(acc), __high2float(acc));
+}
+template <>
+__device__ __forceinline__ float vec_max<__half, kUnroll>(const uint4 (&v)[kUnroll]) {
+  const __half2 acc = packed_max<__half2, kUnroll>(v);
+  return fmaxf(__low2float(acc), __high2float(acc));
+}
+
+// Streams one row of logits through add(x, max_of_x), x a float array: the elements
+// before the first 16-byte boundary (one per thread), then kUnroll 16-byte vectors
+// per step (thread i takes vectors i, i + THREADS, ...), the remaining vectors one
+// by one, then the tail. Vector j always belongs to thread j % THREADS.
+template <typename T, int THREADS, typename Add>
+__device__ __forceinline__ void stream_row(const T* __restrict__ row, int64_t V, Add&& add) {
+  constexpr int K = Vec16<T>::K;
+  const int64_t lead = lead_elements(row, V);
+  if (threadIdx.x < lead) {
+    const float x[1] = {to_f(row[threadIdx.x])};
+    add(x, x[0]);
+  }
+  const int nvec = static_cast<int>((V - lead) / K);  // V < 2^31: checked on the host
+  const uint4* __restrict__ vrow = reinterpret_cast<const uint4*>(row + lead);
+  int i = threadIdx.x;
+  for (; i + (kUnroll - 1) * THREADS < nvec; i += kUnroll * THREADS) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) raw[u] = vrow[i + u * THREADS];
+    float x[kUnroll * K];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) load_vec<T>(raw[u], x + u * K);
+    add(x, vec_max<T, kUnroll>(raw));
+  }
+  for (; i < nvec; i += THREADS) {
+    const uint4 raw[1] = {vrow[i]};
+    float x[K];
+    load_vec<T>(raw[0], x);
+    add(x, vec_max<T, 1>(raw));
+  }
+  for (int64_t j = lead + int64_t(nvec) * K + threadIdx.x; j < V; j += THREADS) {
+    const float x[1] = {to_f(row[j])};
+    add(x, x[0]);
+  }
 }
 
 // Count of NaN logits in a row, block-wide (every thread gets it). Run only for
@@ -132,14 +262,18 @@ __device__ int count_nans(const T* row, int64_t V, int* counter) {
   return *counter;
 }
 
-template <typename T, bool VEC>
-__global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int64_t V,
-                               int64_t stride_n, int64_t stride_t,
-                               const int64_t* __restrict__ labels, int64_t ignore_index,
-                               float* __restrict__ out, int64_t rows) {
+// Forward: one block of THREADS per row. A fast pass in base-2 units (logps_math.h:
+// one FFMA, one ex2 and three adds per element); a row it cannot finish exactly
+// (a non-finite logit, |max| >= 2^24: fast_state_ok) is read again by the exact
+// natural-units pass, which also counts NaNs where the sum of logits is NaN.
+template <typename T, int THREADS>
+__global__ void __launch_bounds__(THREADS, 1024 / THREADS)
+forward_kernel(const T* __restrict__ logits, int64_t T_len, int64_t V, int64_t stride_n, int64_t stride_t,
+               const int64_t* __restrict__ labels, int64_t ignore_index, float* __restrict__ out, int64_t rows) {
   // out: [kNumStats, rows] float32: logp, m, log s, entropy, sum_x.
   __shared__ State shared[32];
-  __shared__ float row_sum_x;
+  __shared__ State row_state;
+  __shared__ bool row_fast;
   __shared__ int row_nans;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t y = labels[r];
@@ -150,126 +284,127 @@ __global__ void forward_kernel(const T* __restrict__ logits, int64_t T_len, int6
     }
     const T* row = logits + (r / T_len) * stride_n + (r % T_len) * stride_t;
     State st = empty_state();
-    int64_t done = 0;
-    if (VEC) {
-      // The few elements before the row's first 16-byte boundary, one per thread;
-      // then two 16-byte loads in flight per thread, one re-base per pair of vectors.
-      constexpr int K = Vec16<T>::K;
-      const int64_t lead = lead_elements(row, V);
-      if (threadIdx.x < lead) update(st, to_f(row[threadIdx.x]));
-      const int64_t nvec = (V - lead) / K;
-      const uint4* vrow = reinterpret_cast<const uint4*>(row + lead);
-      int64_t i = threadIdx.x;
-      for (; i + blockDim.x < nvec; i += 2 * blockDim.x) {
-        const uint4 a = vrow[i], b = vrow[i + blockDim.x];
-        float x[2 * K];
-        load_vec<T>(a, x);
-        load_vec<T>(b, x + K);
-        update_k<2 * K>(st, x);
-      }
-      if (i < nvec) {
-        float x[K];
-        const uint4 raw = vrow[i];  // one 16-byte load (bound by reference, it became K scalar loads)
-        load_vec<T>(raw, x);
-        update_k<K>(st, x);
-      }
-      done = lead + nvec * K;
-    }
-    for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) update(st, to_f(row[i]));
-    st = block_reduce(st, shared);
-    if (threadIdx.x == 0) row_sum_x = st.sum_x;
+    stream_row<T, THREADS>(row, V, [&](const auto& x, float x_max) { update2_k(st, x, pfpo_max(st.m, x_max)); });
+    st = block_reduce<true>(st, shared);
+    if (threadIdx.x == 0) row_fast = fast_state_ok(st);
     __syncthreads();
-    const float sum_x = row_sum_x;  // block-uniform from here
-    if (sum_x != sum_x) st.nan = static_cast<float>(count_nans(row, V, &row_nans));
+    Stats f;
+    if (row_fast) {  // block-uniform
+      if (threadIdx.x == 0) f = finalize2(st);
+    } else {
+      st = empty_state();
+      stream_row<T, THREADS>(row, V, [&](const auto& x, float) { update_k(st, x); });
+      st = block_reduce<false>(st, shared);
+      if (threadIdx.x == 0) row_state = st;
+      __syncthreads();
+      if (row_state.sum_x != row_state.sum_x) st.nan = static_cast<float>(count_nans(row, V, &row_nans));
+      if (threadIdx.x == 0) f = finalize(st);
+    }
     if (threadIdx.x == 0) {
-      const Stats f = finalize(st);
       out[r] = token_logp(to_f(row[y]), st.m, f.log_s);
       out[rows + r] = st.m;
       out[2 * rows + r] = f.log_s;
       out[3 * rows + r] = f.entropy;
       out[4 * rows + r] = st.sum_x;
     }
+    __syncthreads();  // row_fast and row_state are rewritten by the next row
   }
 }
 
-// -g p for the K columns of one 16-byte vector (p = exp((x - m) - log s), NaN
-// when log s is NaN); the target column is fixed up apart, once per row.
-template <typename T>
-__device__ __forceinline__ uint4 grad_vec(const uint4& raw, float m, float ls, float g) {
+// Backward, vector path (out and logits share every row's misalignment: in place,
+// always): -g p for every column by `grad` (x -> float), read and written by the
+// same thread (out may alias logits: no __restrict__), the same schedule as
+// stream_row; the thread whose vector holds the target reads its logit before any
+// of its stores and rewrites that column after them: no per-element test.
+template <typename T, int THREADS, typename Grad>
+__device__ __forceinline__ void grad_row(const T* row, T* orow, int64_t V, int64_t y, float m, float ls, float g,
+                                         Grad&& grad) {
   constexpr int K = Vec16<T>::K;
-  float x[K];
-  load_vec<T>(raw, x);
-  uint4 res;
-  T* o = reinterpret_cast<T*>(&res);
+  const int64_t lead = lead_elements(row, V);
+  if (threadIdx.x < lead) {
+    const int64_t v = threadIdx.x;
+    const float x = to_f(row[v]);
+    orow[v] = from_f<T>(v == y ? grad_target(x, m, ls, g) : grad(x));
+  }
+  const int nvec = static_cast<int>((V - lead) / K);  // V < 2^31: checked on the host
+  const bool owns_target = y >= lead && y < lead + int64_t(nvec) * K && ((y - lead) / K) % THREADS == threadIdx.x;
+  const float xy = owns_target ? to_f(row[y]) : 0.0f;
+  const uint4* vrow = reinterpret_cast<const uint4*>(row + lead);
+  uint4* vout = reinterpret_cast<uint4*>(orow + lead);
+  int i = threadIdx.x;
+  for (; i + (kUnroll - 1) * THREADS < nvec; i += kUnroll * THREADS) {
+    uint4 raw[kUnroll];
 #pragma unroll
-  for (int k = 0; k < K; ++k) o[k] = from_f<T>(grad_other(x[k], m, ls, g));
-  return res;
+    for (int u = 0; u < kUnroll; ++u) raw[u] = vrow[i + u * THREADS];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float x[K];
+      load_vec<T>(raw[u], x);
+#pragma unroll
+      for (int k = 0; k < K; ++k) x[k] = grad(x[k]);
+      vout[i + u * THREADS] = store_vec<T>(x);
+    }
+  }
+  for (; i < nvec; i += THREADS) {
+    float x[K];
+    load_vec<T>(vrow[i], x);
+#pragma unroll
+    for (int k = 0; k < K; ++k) x[k] = grad(x[k]);
+    vout[i] = store_vec<T>(x);
+  }
+  if (owns_target) orow[y] = from_f<T>(grad_target(xy, m, ls, g));
+  for (int64_t v = lead + int64_t(nvec) * K + threadIdx.x; v < V; v += THREADS) {
+    const float x = to_f(row[v]);
+    orow[v] = from_f<T>(v == y ? grad_target(x, m, ls, g) : grad(x));
+  }
 }
 
-template <typename T, bool VEC>
-__global__ void backward_kernel(const T* logits, int64_t T_len, int64_t V, int64_t stride_n,
-                                int64_t stride_t, const int64_t* __restrict__ labels,
-                                const float* __restrict__ row_max, const float* __restrict__ log_sum,
-                                const float* __restrict__ grad_scale,
-                                int64_t ignore_index, T* out, int64_t out_stride_n,
-                                int64_t out_stride_t, int64_t rows) {
+// Zeros for an ignored row: 16-byte stores after the peeled lead (many rows are prompt tokens).
+template <typename T, int THREADS>
+__device__ __forceinline__ void zero_row(T* orow, int64_t V) {
+  const int64_t lead = lead_elements(orow, V);
+  if (threadIdx.x < lead) orow[threadIdx.x] = from_f<T>(0.0f);
+  const int64_t nvec = (V - lead) / Vec16<T>::K;
+  uint4* vout = reinterpret_cast<uint4*>(orow + lead);
+  for (int64_t i = threadIdx.x; i < nvec; i += THREADS) vout[i] = make_uint4(0, 0, 0, 0);
+  for (int64_t i = lead + nvec * Vec16<T>::K + threadIdx.x; i < V; i += THREADS) orow[i] = from_f<T>(0.0f);
+}
+
+// THREADS > 0: the vector kernel at that block size; THREADS == 0: the scalar
+// kernel (an out-of-place output misaligned unlike the logits), any block size.
+template <typename T, int THREADS>
+__global__ void __launch_bounds__(THREADS > 0 ? THREADS : 1024)
+backward_kernel(const T* logits, int64_t T_len, int64_t V, int64_t stride_n, int64_t stride_t,
+                const int64_t* __restrict__ labels, const float* __restrict__ row_max,
+                const float* __restrict__ log_sum, const float* __restrict__ grad_scale, int64_t ignore_index, T* out,
+                int64_t out_stride_n, int64_t out_stride_t, int64_t rows) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t n = r / T_len, t = r % T_len;
     const int64_t y = labels[r];
     const T* row = logits + n * stride_n + t * stride_t;
     T* orow = out + n * out_stride_n + t * out_stride_t;
-    if (is_ignored(y, ignore_index, V)) {  // block-uniform: zeros, the row is never read
-      int64_t done = 0;
-      if (VEC) {  // 16-byte zero stores after the peeled lead: many rows are prompt tokens
-        const int64_t lead = lead_elements(orow, V);
-        if (threadIdx.x < lead) orow[threadIdx.x] = from_f<T>(0.0f);
-        const int64_t nvec = (V - lead) / Vec16<T>::K;
-        uint4* vout = reinterpret_cast<uint4*>(orow + lead);
-        for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) vout[i] = make_uint4(0, 0, 0, 0);
-        done = lead + nvec * Vec16<T>::K;
+    const bool ignored = is_ignored(y, ignore_index, V);  // block-uniform
+    if constexpr (THREADS > 0) {
+      if (ignored) {
+        zero_row<T, THREADS>(orow, V);
+        continue;
       }
-      for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) orow[i] = from_f<T>(0.0f);
-      continue;
-    }
-    // An undefined row (log s NaN) gets NaN everywhere: exp of NaN is NaN on the device.
-    const float m = row_max[r], ls = log_sum[r], g = grad_scale[n];
-    int64_t done = 0;
-    if (VEC) {
-      // Every element is read, then written, by the same thread (out may alias
-      // logits). The thread whose vectors hold the target reads its logit before
-      // any of its stores and rewrites that column after them: no per-element test.
-      // The elements before the first 16-byte boundary are peeled off, one per
-      // thread (logits and out share the misalignment: checked on the host).
-      constexpr int K = Vec16<T>::K;
-      const int64_t lead = lead_elements(row, V);
-      if (threadIdx.x < lead) {
-        const int64_t v = threadIdx.x;
-        const float x = to_f(row[v]);
-        orow[v] = from_f<T>(v == y ? grad_target(x, m, ls, g) : grad_other(x, m, ls, g));
+      // An undefined row (log s NaN) gets NaN everywhere: NaN flows through fma and ex2.
+      const float m = row_max[r], ls = log_sum[r], g = grad_scale[n];
+      if (fabsf(m) < PFPO_FAST_MAX_ABS) {  // block-uniform: base 2, one FFMA, ex2, FMUL per element
+        const FastGrad f = fast_grad(m, ls, g);
+        grad_row<T, THREADS>(row, orow, V, y, m, ls, g, [f](float x) { return grad_other2(x, f); });
+      } else {
+        grad_row<T, THREADS>(row, orow, V, y, m, ls, g, [=](float x) { return grad_other(x, m, ls, g); });
       }
-      const int64_t nvec = (V - lead) / K;
-      const bool owns_target = y >= lead && y < lead + nvec * K && ((y - lead) / K) % blockDim.x == threadIdx.x;
-      const float xy = owns_target ? to_f(row[y]) : 0.0f;
-      const uint4* vrow = reinterpret_cast<const uint4*>(row + lead);
-      uint4* vout = reinterpret_cast<uint4*>(orow + lead);
-      int64_t i = threadIdx.x;
-      for (; i + blockDim.x < nvec; i += 2 * blockDim.x) {  // two 16-byte loads in flight
-        const int64_t i2 = i + blockDim.x;
-        const uint4 a = vrow[i], b = vrow[i2];
-        const uint4 ra = grad_vec<T>(a, m, ls, g), rb = grad_vec<T>(b, m, ls, g);
-        vout[i] = ra;
-        vout[i2] = rb;
+    } else if (ignored) {
+      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) orow[i] = from_f<T>(0.0f);
+    } else {
+      const float m = row_max[r], ls = log_sum[r], g = grad_scale[n];
+      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+        const float x = to_f(row[i]);
+        orow[i] = from_f<T>(i == y ? grad_target(x, m, ls, g) : grad_other(x, m, ls, g));
       }
-      if (i < nvec) {
-        const uint4 raw = vrow[i];  // one 16-byte load (bound by reference, it became K scalar loads)
-        vout[i] = grad_vec<T>(raw, m, ls, g);
-      }
-      if (owns_target) orow[y] = from_f<T>(grad_target(xy, m, ls, g));
-      done = lead + nvec * K;
-    }
-    for (int64_t i = done + threadIdx.x; i < V; i += blockDim.x) {
-      const float x = to_f(row[i]);
-      orow[i] = from_f<T>(i == y ? grad_target(x, m, ls, g) : grad_other(x, m, ls, g));
     }
   }
 }
@@ -291,9 +426,23 @@ bool same_misalignment(uintptr_t logits, uintptr_t out, int64_t es, int64_t sn, 
   return (out - logits) % 16 == 0 && ((osn - sn) * es) % 16 == 0 && ((ost - st) * es) % 16 == 0;
 }
 
-void prepare(int device) {
+void prepare(int device, int64_t V) {
+  // The kernels index a row's 16-byte vectors with 32-bit integers.
+  if (V >= (int64_t(1) << 31))
+    throw std::invalid_argument("pyfastpo._cuda: a row of " + std::to_string(V) + " logits; at most 2^31 - 1 are supported");
   cuda_device_count();
   PFPO_CHECK(cudaSetDevice(device));
+}
+
+// Calls launch.template operator()<THREADS>() with the block size for V: the
+// kernels take it as a template argument so that the unrolled loads' offsets are
+// immediates.
+template <typename Launch>
+void with_threads(int64_t V, Launch&& launch) {
+  const int threads = threads_for(V);
+  if (threads == 512) return launch(std::integral_constant<int, 512>());
+  if (threads == 256) return launch(std::integral_constant<int, 256>());
+  return launch(std::integral_constant<int, 128>());
 }
 
 template <typename T>
@@ -302,9 +451,11 @@ void launch_forward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int64
                     cudaStream_t stream) {
   const int64_t rows = N * T_len;
   // Every row streams in 16-byte vectors after peeling its misaligned lead.
-  forward_kernel<T, true><<<blocks_for(rows), threads_for(V), 0, stream>>>(
-      reinterpret_cast<const T*>(logits), T_len, V, sn, st,
-      reinterpret_cast<const int64_t*>(labels), ignore_index, reinterpret_cast<float*>(out), rows);
+  with_threads(V, [&](auto threads) {
+    forward_kernel<T, threads()><<<blocks_for(rows), threads(), 0, stream>>>(
+        reinterpret_cast<const T*>(logits), T_len, V, sn, st, reinterpret_cast<const int64_t*>(labels),
+        ignore_index, reinterpret_cast<float*>(out), rows);
+  });
   PFPO_CHECK(cudaGetLastError());
 }
 
@@ -314,14 +465,18 @@ void launch_backward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int6
                      int64_t ignore_index, uintptr_t out, int64_t osn, int64_t ost,
                      cudaStream_t stream) {
   const int64_t rows = N * T_len;
+  auto args = [&](auto kernel, int threads) {
+    kernel<<<blocks_for(rows), threads, 0, stream>>>(
+        reinterpret_cast<const T*>(logits), T_len, V, sn, st, reinterpret_cast<const int64_t*>(labels),
+        reinterpret_cast<const float*>(m), reinterpret_cast<const float*>(ls), reinterpret_cast<const float*>(g),
+        ignore_index, reinterpret_cast<T*>(out), osn, ost, rows);
+  };
   // Vectors after a peel when out and logits share every row's misalignment (in
   // place, always); else the scalar kernel.
-  const bool vec = same_misalignment(logits, out, sizeof(T), sn, st, osn, ost);
-  auto kernel = vec ? backward_kernel<T, true> : backward_kernel<T, false>;
-  kernel<<<blocks_for(rows), threads_for(V), 0, stream>>>(
-      reinterpret_cast<const T*>(logits), T_len, V, sn, st,
-      reinterpret_cast<const int64_t*>(labels), reinterpret_cast<const float*>(m),
-      reinterpret_cast<const float*>(ls), reinterpret_cast<const float*>(g), ignore_index, reinterpret_cast<T*>(out), osn, ost, rows);
+  if (same_misalignment(logits, out, sizeof(T), sn, st, osn, ost))
+    with_threads(V, [&](auto threads) { args(backward_kernel<T, threads()>, threads()); });
+  else
+    args(backward_kernel<T, 0>, threads_for(V));
   PFPO_CHECK(cudaGetLastError());
 }
 
@@ -343,7 +498,7 @@ int cuda_device_count() {
 void cuda_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
                   int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
                   int device, uintptr_t stream) {
-  prepare(device);
+  prepare(device, V);
   if (N * T == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
@@ -364,7 +519,7 @@ void cuda_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V,
                    int64_t stride_t, uintptr_t labels, uintptr_t row_max, uintptr_t log_sum,
                    uintptr_t grad_scale, int64_t ignore_index, uintptr_t out, int64_t out_stride_n,
                    int64_t out_stride_t, int device, uintptr_t stream) {
-  prepare(device);
+  prepare(device, V);
   if (N * T == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {

@@ -22,6 +22,8 @@
 #include "logps_math.h"
 #undef pfpo
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -34,65 +36,120 @@ namespace dev = pfpo_device_emulation;
 
 namespace {
 
-dev::State warp_reduce(std::vector<dev::State> lanes) {  // 32 lanes, xor butterfly as __shfl_xor_sync
+// 16-byte vectors per step of the kernels' streaming loops (cuda_logps.cu's kUnroll).
+constexpr int kUnroll = 4;
+
+// xor butterfly over 32 lanes, as __shfl_xor_sync; `merge` is dev::merge2 (fast
+// pass, base 2) or dev::merge (exact pass).
+template <typename Merge>
+dev::State warp_reduce(std::vector<dev::State> lanes, Merge merge) {
   for (int off = 16; off > 0; off >>= 1) {
     std::vector<dev::State> next(32);
-    for (int l = 0; l < 32; ++l) next[l] = dev::merge(lanes[l], lanes[l ^ off]);
+    for (int l = 0; l < 32; ++l) next[l] = merge(lanes[l], lanes[l ^ off]);
     lanes.swap(next);
   }
   return lanes[0];
 }
 
-}  // namespace
-
-std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t y, int threads, int vec) {
-  if (threads < 32 || threads % 32 || threads > 1024) throw std::invalid_argument("threads: a multiple of 32 in [32, 1024]");
-  if (vec != 0 && vec != 4) throw std::invalid_argument("vec: 0 (scalar kernel) or 4 (float32 16-byte vectors)");
-  const float* row = reinterpret_cast<const float*>(row_ptr);
-  std::vector<dev::State> st(threads, dev::empty_state());
-  int64_t done = 0;
-  if (vec == 4) {
-    // The lead before the row's first 16-byte boundary (of the row's real address,
-    // as the kernel computes it), one element per thread; then two 16-byte vectors
-    // per step, one re-base per pair (cuda_logps.cu's forward loop).
-    int64_t lead = static_cast<int64_t>((16 - row_ptr % 16) % 16) / 4;
-    lead = lead < V ? lead : V;
-    for (int tid = 0; tid < lead; ++tid) dev::update(st[tid], row[tid]);
-    const float* vrow = row + lead;
-    const int64_t nvec = (V - lead) / 4;
-    for (int tid = 0; tid < threads; ++tid) {
-      int64_t i = tid;
-      for (; i + threads < nvec; i += 2 * threads) {
-        float x[8];
-        for (int k = 0; k < 4; ++k) x[k] = vrow[4 * i + k], x[4 + k] = vrow[4 * (i + threads) + k];
-        dev::update_k<8>(st[tid], x);
-      }
-      if (i < nvec) {
-        const float x[4] = {vrow[4 * i], vrow[4 * i + 1], vrow[4 * i + 2], vrow[4 * i + 3]};
-        dev::update_k<4>(st[tid], x);
-      }
-    }
-    done = lead + nvec * 4;
-  }
-  for (int tid = 0; tid < threads; ++tid)
-    for (int64_t i = done + tid; i < V; i += threads) dev::update(st[tid], row[i]);
-  const int nwarps = threads / 32;
+// cuda_logps.cu's block_reduce: each warp, then the warps' results (lanes >= nwarps empty).
+template <typename Merge>
+dev::State block_reduce(const std::vector<dev::State>& st, Merge merge) {
+  const int nwarps = static_cast<int>(st.size()) / 32;
   std::vector<dev::State> shared(32, dev::empty_state());
   for (int w = 0; w < nwarps; ++w)
-    shared[w] = warp_reduce(std::vector<dev::State>(st.begin() + 32 * w, st.begin() + 32 * (w + 1)));
-  dev::State total = warp_reduce(shared);  // lanes >= nwarps hold the empty state
-  if (total.sum_x != total.sum_x)  // the kernel's count_nans, for a row whose sum is NaN
-    for (int64_t i = 0; i < V; ++i) total.nan += dev::is_nan(row[i]);
-  const dev::Stats f = dev::finalize(total);
-  return {dev::token_logp(row[y], total.m, f.log_s), total.m, f.log_s, f.entropy, total.sum_x};
+    shared[w] = warp_reduce(std::vector<dev::State>(st.begin() + 32 * w, st.begin() + 32 * (w + 1)), merge);
+  return warp_reduce(shared, merge);
+}
+
+// cuda_logps.cu's stream_row for float32 (K = 4): the lead before the row's first
+// 16-byte boundary (of its real address), one element per thread; kUnroll vectors per
+// step; the remaining vectors; the tail. add(state, x, n, max of x) per call.
+template <typename Add>
+void stream_row(uintptr_t row_ptr, int64_t V, std::vector<dev::State>& st, Add add) {
+  const float* row = reinterpret_cast<const float*>(row_ptr);
+  const int threads = static_cast<int>(st.size());
+  const auto max_of = [](const float* x, int n) {
+    float m = -INFINITY;
+    for (int k = 0; k < n; ++k) m = fmaxf(m, x[k]);
+    return m;
+  };
+  int64_t lead = static_cast<int64_t>((16 - row_ptr % 16) % 16) / 4;
+  lead = lead < V ? lead : V;
+  for (int tid = 0; tid < lead; ++tid) add(st[tid], row + tid, 1, row[tid]);
+  const float* vrow = row + lead;
+  const int64_t nvec = (V - lead) / 4;
+  for (int tid = 0; tid < threads; ++tid) {
+    int64_t i = tid;
+    for (; i + (kUnroll - 1) * threads < nvec; i += kUnroll * threads) {
+      float x[4 * kUnroll];
+      for (int u = 0; u < kUnroll; ++u)
+        for (int k = 0; k < 4; ++k) x[4 * u + k] = vrow[4 * (i + u * threads) + k];
+      add(st[tid], x, 4 * kUnroll, max_of(x, 4 * kUnroll));
+    }
+    for (; i < nvec; i += threads) add(st[tid], vrow + 4 * i, 4, max_of(vrow + 4 * i, 4));
+  }
+  for (int tid = 0; tid < threads; ++tid)
+    for (int64_t j = lead + nvec * 4 + tid; j < V; j += threads) add(st[tid], row + j, 1, row[j]);
+}
+
+template <int N>
+void fast_add(dev::State& st, const float* x, float x_max) {
+  float a[N];
+  for (int k = 0; k < N; ++k) a[k] = x[k];
+  dev::update2_k<N>(st, a, dev::pfpo_max(st.m, x_max));
+}
+
+template <int N>
+void exact_add(dev::State& st, const float* x) {
+  float a[N];
+  for (int k = 0; k < N; ++k) a[k] = x[k];
+  dev::update_k<N>(st, a);
+}
+
+}  // namespace
+
+std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t y, int threads) {
+  if (threads < 32 || threads % 32 || threads > 1024) throw std::invalid_argument("threads: a multiple of 32 in [32, 1024]");
+  const float* row = reinterpret_cast<const float*>(row_ptr);
+  // The fast pass, in base 2.
+  std::vector<dev::State> st(threads, dev::empty_state());
+  stream_row(row_ptr, V, st, [](dev::State& s, const float* x, int n, float x_max) {
+    if (n == 1) fast_add<1>(s, x, x_max);
+    else if (n == 4) fast_add<4>(s, x, x_max);
+    else fast_add<4 * kUnroll>(s, x, x_max);
+  });
+  dev::State total = block_reduce(st, dev::merge2);
+  dev::Stats f;
+  const bool fast = dev::fast_state_ok(total);
+  if (fast) {
+    f = dev::finalize2(total);
+  } else {  // the exact pass, natural units, NaNs counted where the sum is NaN
+    std::fill(st.begin(), st.end(), dev::empty_state());
+    stream_row(row_ptr, V, st, [](dev::State& s, const float* x, int n, float) {
+      if (n == 1) exact_add<1>(s, x);
+      else if (n == 4) exact_add<4>(s, x);
+      else exact_add<4 * kUnroll>(s, x);
+    });
+    total = block_reduce(st, dev::merge);
+    if (total.sum_x != total.sum_x)
+      for (int64_t i = 0; i < V; ++i) total.nan += dev::is_nan(row[i]);
+    f = dev::finalize(total);
+  }
+  return {dev::token_logp(row[y], total.m, f.log_s), total.m, f.log_s, f.entropy, total.sum_x, fast ? 1.0f : 0.0f};
 }
 
 void emulate_device_backward(uintptr_t row_ptr, int64_t V, int64_t y, float m, float log_s, float g,
                              uintptr_t out_ptr) {
   const float* row = reinterpret_cast<const float*>(row_ptr);
   float* out = reinterpret_cast<float*>(out_ptr);
-  // cuda_logps.cu's backward: -g p everywhere (NaN when log s is), then the target column.
-  for (int64_t v = 0; v < V; ++v) out[v] = dev::grad_other(row[v], m, log_s, g);
+  // cuda_logps.cu's backward: -g p everywhere (base 2 unless |m| is out of the fast
+  // range; NaN when log s is), then the target column.
+  if (fabsf(m) < dev::PFPO_FAST_MAX_ABS) {
+    const dev::FastGrad fg = dev::fast_grad(m, log_s, g);
+    for (int64_t v = 0; v < V; ++v) out[v] = dev::grad_other2(row[v], fg);
+  } else {
+    for (int64_t v = 0; v < V; ++v) out[v] = dev::grad_other(row[v], m, log_s, g);
+  }
   out[y] = dev::grad_target(row[y], m, log_s, g);
 }
 

@@ -88,14 +88,12 @@ constexpr float PFPO_EXP_LO = -87.33654f;  // ~ log(FLT_MIN): n = round(x / ln2)
 
 constexpr float PFPO_LOG2E = 1.44269504088896341f;
 
-// The device exp: 2^(x log2 e) by ex2.approx.ftz, two instructions (FMUL, MUFU.EX2)
-// where expf takes ten; relative error ~2^-22 (expf: ~2^-23), the same
-// instruction Triton's tl.exp uses. Its FTZ flush of subnormal results is the
-// rule above: 2^y is subnormal exactly when y < -126, i.e. x < -87.3365. Also
-// compiled on the host to emulate the device in tests (csrc/device_emulation.cpp),
-// there as exp2f with the same flush (NaN stays NaN, as on the device).
-PFPO_HD float device_exp(float x) {
-  const float y = x * PFPO_LOG2E;
+// 2^y by ex2.approx.ftz (one MUFU.EX2; relative error ~2^-22, the instruction
+// Triton's tl.exp uses). Its FTZ flush of subnormal results is the rule above:
+// 2^y is subnormal exactly when y < -126. Also compiled on the host to emulate
+// the device in tests (csrc/device_emulation.cpp), there as exp2f with the same
+// flush (NaN stays NaN, as on the device).
+PFPO_HD float device_exp2(float y) {
 #ifdef __CUDA_ARCH__
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
@@ -104,6 +102,10 @@ PFPO_HD float device_exp(float x) {
   return (y != y) ? y : ((y >= -126.0f) ? exp2f(y) : 0.0f);
 #endif
 }
+
+// The device exp: 2^(x log2 e), two instructions (FMUL, MUFU.EX2) where expf takes
+// ten; exactly 0 below PFPO_EXP_LO (x log2e < -126).
+PFPO_HD float device_exp(float x) { return device_exp2(x * PFPO_LOG2E); }
 
 // exp(x) in float32. On the device: device_exp (memory-bound kernels: the inner
 // loop's instruction count decides the bandwidth). On the host: a branch-free Cephes-style polynomial that GCC
@@ -216,6 +218,107 @@ PFPO_HD Stats finalize(State st) {
   if (!defined) r.log_s = r.entropy = NAN;
   return r;
 }
+
+// ---------------------------------------------------------------- base-2 fast path (device)
+// The CUDA kernels' hot loops work in base-2 units, so that the shift and the scale
+// to log2 are ONE FFMA per element (instead of a subtract, a clamp and a multiply):
+//   m2 = rn(m log2e),   d2 = fma(x, log2e, -m2) = (x - m) log2e + c,   c = fma(m, log2e, -m2),
+// c being m2's rounding error, the same for every element of the row. The state
+// keeps s2 = sum 2^d2 and t2 = sum 2^d2 d2 (relative to m2), and at the end
+//   log s = ln2 (log2 s2 - c),   entropy = ln2 (log2 s2 - t2 / s2)   (c cancels).
+// The loop has no clamp, so it is exact only for a PLAIN row: every logit finite
+// and |max| < PFPO_FAST_MAX_ABS (then |c| <= ulp(m2)/2 <= 1). Any other row ends
+// with a non-finite s2 or t2 (a -inf logit gives 0 * -inf, a NaN propagates) or a
+// max out of range (+inf, -inf, huge), which fast_state_ok() tells; the kernels
+// then compute that row again with the exact natural-units path above (update,
+// merge, finalize, NaN count). Rows with -inf logits (a masked vocabulary) are
+// thus read twice in the forward; plain rows, the training case, once.
+constexpr float PFPO_FAST_MAX_ABS = 16777216.0f;  // 2^24
+constexpr float PFPO_LN2 = 0.693147180559945309f;
+// Shifts (base 2) below this give exactly 0: ex2's flush starts at -126.
+constexpr float PFPO_D2_MIN = -150.0f;
+
+// m2 = rn(m log2e), never fused with a neighbouring add (d2's consistency needs
+// the very same rounded m2 in every use).
+PFPO_HD float scaled_max(float m) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(m, PFPO_LOG2E);
+#else
+  return m * PFPO_LOG2E;  // the host build has no FMA contraction (no -march, -ffp-contract)
+#endif
+}
+
+// Re-base a base-2 state from max m to m_new >= m. The clamp keeps the empty state
+// (m = -inf: d = -inf, or NaN when m_new is -inf too) at exactly 0, never 0 * -inf.
+PFPO_HD void rebase2(float& m, float& s, float& t, float m_new) {
+  float d = pfpo_max(scaled_max(m) - scaled_max(m_new), PFPO_D2_MIN);
+  d = (d == d) ? d : PFPO_D2_MIN;  // host pfpo_max keeps a NaN; fmaxf already drops it
+  const float c = device_exp2(d);
+  t = c * (t + d * s);
+  s = c * s;
+  m = m_new;
+}
+
+// Add K elements whose max (with st.m) is m_new: one re-base, then per element one
+// FFMA, one ex2 and three adds (s, t, sum_x). No clamp: see fast_state_ok.
+template <int K>
+PFPO_HD void update2_k(State& st, const float (&x)[K], float m_new) {
+  rebase2(st.m, st.s, st.t, m_new);
+  const float m2 = scaled_max(st.m);
+PFPO_UNROLL
+  for (int k = 0; k < K; ++k) {
+    const float d2 = fmaf(x[k], PFPO_LOG2E, -m2);
+    const float e = device_exp2(d2);
+    st.s += e;
+    st.t = fmaf(e, d2, st.t);
+    st.sum_x += x[k];
+  }
+}
+
+// Add K elements (their max taken here).
+template <int K>
+PFPO_HD void update2_k(State& st, const float (&x)[K]) {
+  float m_new = st.m;
+PFPO_UNROLL
+  for (int k = 0; k < K; ++k) m_new = pfpo_max(m_new, x[k]);
+  update2_k<K>(st, x, m_new);
+}
+
+PFPO_HD State merge2(State a, State b) {
+  const float m = pfpo_max(a.m, b.m);
+  rebase2(a.m, a.s, a.t, m);
+  rebase2(b.m, b.s, b.t, m);
+  return State{m, a.s + b.s, a.t + b.t, a.sum_x + b.sum_x, 0.0f};
+}
+
+// Whether a whole row's base-2 state is exact (a plain row), else the row must be
+// computed again by the natural-units path.
+PFPO_HD bool fast_state_ok(const State& st) {
+  return fabsf(st.m) < PFPO_FAST_MAX_ABS && isfinite(st.s) && isfinite(st.t);
+}
+
+// log s and entropy of a plain row's base-2 state (fast_state_ok).
+PFPO_HD Stats finalize2(State st) {
+  const float c = fmaf(st.m, PFPO_LOG2E, -scaled_max(st.m));
+  const float l2 = log2f(st.s);
+  return Stats{(l2 - c) * PFPO_LN2, (l2 - st.t / st.s) * PFPO_LN2};
+}
+
+// The backward's per-element map in base 2: -g p = g' 2^fma(x, log2e, -k_hi). k_hi + k_lo
+// = (m + log s) log2e, split in double once per row, and g' = -g 2^-k_lo carries the low
+// part, so the exponent keeps every digit at any offset below PFPO_FAST_MAX_ABS (larger
+// maxima, and rows with an infinite max, take the exact grad_other).
+struct FastGrad {
+  float k_hi, g;
+};
+
+PFPO_HD FastGrad fast_grad(float m, float log_s, float g) {
+  const double k = (double)m * (double)PFPO_LOG2E + (double)log_s * (double)PFPO_LOG2E;
+  const float k_hi = (float)k;
+  return FastGrad{k_hi, (float)(-(double)g * exp2(-(k - (double)k_hi)))};
+}
+
+PFPO_HD float grad_other2(float x, FastGrad f) { return device_exp2(fmaf(x, PFPO_LOG2E, -f.k_hi)) * f.g; }
 
 // The token's log-probability from its target logit and the row's (m, log s).
 PFPO_HD float token_logp(float x_y, float m, float log_s) { return (x_y - m) - log_s; }

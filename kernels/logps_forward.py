@@ -1,13 +1,17 @@
 """Triton forward kernel: per-token logp, lse, entropy and logit sum in one pass.
 
 One program per token row ``(n, t)`` streams the row's ``V`` logits once, in
-blocks of ``BLOCK_V``, keeping an online (flash-softmax style) state in float32:
+blocks of ``BLOCK_V`` seen as tiles ``[BLOCK_V / VEC, VEC]`` (a tile row is one
+thread's 16-byte vector), keeping an online (flash-softmax style) state in float32
+per tile row:
 
-    m = running max (a scalar),
+    m = running max,
     s = sum exp(x - m),
     u = sum exp(x - m) * (x - m),
-    z = sum x            (s, u, z kept per lane of the block, summed at the end).
+    z = sum x,
 
+merged across the tile rows once, after the loop (so no step needs a cross-warp
+reduction or a barrier).
 From it ``logp = (x_y - m) - log s`` and ``entropy = lse - E_p[x] = log s - u / s``;
 ``m`` and ``log s`` are stored apart, never as ``lse = m + log s``, which would
 round at the size of the logits (see :mod:`pyfastpo.backends.base`). A row with a
@@ -30,28 +34,32 @@ import triton.language as tl
 from .config import launch_config
 from .flushed_exp import flushed_exp
 
+D_MIN = tl.constexpr(-100.0)
+"""Shifts x - m are clamped here (exp(D_MIN) is exactly 0: D_MIN < EXP_LO)."""
+
 
 @triton.jit
 def _online_step(x, zx, m, s, u, z):
-    """One block of logits ``x`` into the online state: scalar running max ``m``; per-lane
-    ``s = sum exp(x - m)``, ``u = sum exp(x - m) (x - m)`` and ``z += zx`` (``x`` with the
-    masked lanes of a tail block as 0)."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    # While every logit seen is -inf, m_new is -inf: shift by 0 instead so that
-    # exp(-inf - m_safe) is 0 rather than exp(nan).
+    """One tile of logits ``x`` ``[ROWS, VEC]`` into the online state of its ``ROWS``
+    tile rows (``m``, ``s``, ``u``, ``z``, each ``[ROWS]``); ``zx`` is ``x`` with the
+    masked lanes of a tail tile as 0. A tile row is one thread's 16-byte vector, so
+    every reduction over ``axis=1`` stays inside a thread."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    # While every logit a tile row has seen is -inf, its m_new is -inf: shift by 0
+    # instead so that exp(-inf - m_safe) is 0 rather than exp(nan).
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     # Rescale the old state to the new max: alpha = exp(m - m_new), and as u is
     # relative to m, sum e_old * alpha * (x - m_new) = alpha * (u + (m - m_new) * s).
-    # While m == -inf every lane of s is 0 and alpha is 0: the shift is then
-    # taken as 0 (never -inf * 0).
+    # While m == -inf, s is 0 and alpha is 0: the shift is then 0 (never -inf * 0).
     alpha = flushed_exp(m - m_safe)
     shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
-    d = x - m_safe
+    # The clamp gives -inf logits (and NaN, counted apart) exp = 0 and e * d = 0, never
+    # 0 * -inf; every shift below it has exp exactly 0 anyway (EXP_LO > D_MIN).
+    d = tl.maximum(x - m_safe[:, None], D_MIN)
     e = flushed_exp(d)
-    # e == 0 where x == -inf (masked or genuinely -inf): add 0, not 0 * -inf.
-    u = alpha * (u + shift * s) + e * tl.where(e > 0.0, d, 0.0)
-    s = alpha * s + e
-    z += zx
+    u = alpha * (u + shift * s) + tl.sum(e * d, axis=1)
+    s = alpha * s + tl.sum(e, axis=1)
+    z += tl.sum(zx, axis=1)
     return m_new, s, u, z
 
 
@@ -70,6 +78,7 @@ def _logps_forward_kernel(
     stride_t,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,  # elements of one 16-byte load (at most BLOCK_V)
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -87,36 +96,46 @@ def _logps_forward_kernel(
     n = row // T
     t = row % T
     x_row = logits_ptr + n * stride_n + t * stride_t
-    cols = tl.arange(0, BLOCK_V)
-
-    # The running max m is a scalar (one block reduction per step); s, u and z
-    # are kept per lane and reduced once after the loop, so each step costs a
-    # single cross-warp reduction instead of four.
-    m = float("-inf")
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)
-    u = tl.zeros([BLOCK_V], dtype=tl.float32)
-    z = tl.zeros([BLOCK_V], dtype=tl.float32)
-    # Full blocks without a mask (no per-element bound test), then the masked tail.
+    # A block is a tile [ROWS, VEC]: tile row r holds the 16-byte vector at r * VEC.
+    # The online state is kept per tile row (each thread's own rows) and reduced
+    # across the block once, after the loop: no cross-warp reduction, no barrier, per
+    # step, and four floats of state per tile row instead of per element.
+    ROWS: tl.constexpr = BLOCK_V // VEC
+    tile = tl.arange(0, ROWS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([ROWS], dtype=tl.float32)
+    u = tl.zeros([ROWS], dtype=tl.float32)
+    z = tl.zeros([ROWS], dtype=tl.float32)
+    # The masked tail block first, then full blocks without a mask (no per-element
+    # bound test). (Tail first: with the tail after the loop, Triton 3.8's
+    # OptimizeThreadLocality pass asserts, its loop results having two uses.)
     full = V // BLOCK_V * BLOCK_V
-    for start in range(0, full, BLOCK_V):
-        x = tl.load(x_row + start + cols).to(tl.float32)
-        m, s, u, z = _online_step(x, x, m, s, u, z)
     if full < V:
-        offs = full + cols
+        offs = full + tile
         mask = offs < V
         # Masked lanes read -inf: they never win the max and exp() gives them 0.
         x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         m, s, u, z = _online_step(x, tl.where(mask, x, 0.0), m, s, u, z)
+    for start in range(0, full, BLOCK_V):
+        x = tl.load(x_row + start + tile).to(tl.float32)
+        m, s, u, z = _online_step(x, x, m, s, u, z)
 
-    s_row = tl.sum(s, axis=0)
-    u_row = tl.sum(u, axis=0)
+    # The tile rows' states merged at the row max (rows that saw only -inf: alpha 0).
+    m_row = tl.max(m, axis=0)
+    m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
+    alpha = flushed_exp(m - m_safe)
+    shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+    s_row = tl.sum(alpha * s, axis=0)
+    u_row = tl.sum(alpha * (u + shift * s), axis=0)
     z_row = tl.sum(z, axis=0)
+    m = m_row
     # Undefined row: a NaN logit, a +inf logit (m = +inf) or only -inf logits
     # (m = -inf): NaN, as in every backend. A NaN always makes z NaN, but so do
     # finite 1e35 and -1e35 (inf - inf): only such a row is read again to count
     # its NaNs (a per-lane counter in the loop cost ~16 registers per thread).
     nans = 0.0
     if z_row != z_row:
+        cols = tl.arange(0, BLOCK_V)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             x = tl.load(x_row + offs, mask=offs < V, other=0.0).to(tl.float32)
@@ -169,6 +188,7 @@ def logps_forward(
             logits.stride(1),
             ignore_index,
             BLOCK_V=block,
+            VEC=min(block, 16 // logits.element_size()),
             num_warps=warps,
         )
     return logp, row_max, log_sum, entropy, sum_logits

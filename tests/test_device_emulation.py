@@ -1,7 +1,8 @@
 """The CUDA kernels' math, checked on the CPU: ``pyfastpo._C`` carries a host replay of
 ``cuda_logps.cu``'s per-row forward and backward compiled from the same header with the
 device's exp and max (``csrc/device_emulation.cpp``): ex2 with a flush to zero,
-fmaxf, pairs of 16-byte vectors per re-base, NaNs counted only when a row's sum is NaN,
+fmaxf, the base-2 fast pass (4 16-byte vectors per re-base) and the exact pass that
+redoes a row the fast pass cannot finish, NaNs counted only when a row's sum is NaN,
 the target column fixed up after the row. Host and device must agree on every row,
 special ones included: before the fix the device's ``expf`` returned subnormals
 (``expf(-100) = 3.8e-44``) where the host returns 0, so a row of only -inf logits got
@@ -16,9 +17,10 @@ from pyfastpo import _C
 from pyfastpo.backends import cpp_backend
 
 EXP_LO = -87.33654  # PFPO_EXP_LO in csrc/logps_math.h
+UNROLL = 4  # kUnroll in csrc/cuda_logps.cu: 16-byte vectors per step of a thread
 
 
-def device_forward(row: torch.Tensor, y: int, threads: int, vec: int, offset: int = 0) -> list[float]:
+def device_forward(row: torch.Tensor, y: int, threads: int, offset: int = 0) -> list[float]:
     """The emulated kernel on ``row`` placed ``offset`` floats past a 16-byte boundary
     (the kernel peels the elements before the next boundary)."""
     buf = torch.empty(row.numel() + 8, dtype=torch.float32)
@@ -26,7 +28,7 @@ def device_forward(row: torch.Tensor, y: int, threads: int, vec: int, offset: in
     view = buf[base + offset : base + offset + row.numel()]
     view.copy_(row.float())
     assert view.data_ptr() % 16 == 4 * offset
-    return _C.emulate_device_forward(view.data_ptr(), view.numel(), y, threads, vec)
+    return _C.emulate_device_forward(view.data_ptr(), view.numel(), y, threads)
 
 
 def host_forward(row: torch.Tensor, y: int) -> list[float]:
@@ -48,6 +50,8 @@ def _rows():
         "shifts around the subnormal range": subnormal_range,
         "huge finite of both signs": torch.tensor([1e35, -1e35]).repeat(v // 2 + 1)[:v],
         "offset 1e6": rand() + 1e6,
+        "offset 3e7 (past the base-2 fast range)": rand() + 3e7,
+        "long, 4-vector steps": torch.randn(8003, generator=g) * 4,
         "all -inf": torch.full((v,), float("-inf")),
     }
     for name, where in (("+inf", 17), ("NaN", 400)):
@@ -58,6 +62,16 @@ def _rows():
 
 
 ROWS = _rows()
+
+
+def test_unroll_matches_the_kernel():
+    import pathlib
+    import re
+
+    source = (pathlib.Path(__file__).parents[1] / "csrc" / "cuda_logps.cu").read_text()
+    emulation = (pathlib.Path(__file__).parents[1] / "csrc" / "device_emulation.cpp").read_text()
+    pattern = r"constexpr int kUnroll = (\d+);"
+    assert int(re.search(pattern, source).group(1)) == int(re.search(pattern, emulation).group(1)) == UNROLL
 
 
 def test_one_exp_constant_everywhere():
@@ -88,12 +102,12 @@ def test_device_exp_follows_the_host_rule():
     assert torch.all(rel <= 3e-7 + x[~low].double().abs() * 1e-7)
 
 
-@pytest.mark.parametrize("threads,vec,offset", [(32, 0, 0), (128, 4, 0), (512, 4, 0), (128, 4, 1), (64, 4, 3)])
+@pytest.mark.parametrize("threads,offset", [(32, 0), (128, 0), (512, 0), (128, 1), (64, 3)])
 @pytest.mark.parametrize("name", list(ROWS))
-def test_device_forward_matches_host(name, threads, vec, offset):
+def test_device_forward_matches_host(name, threads, offset):
     row = ROWS[name]
     y = 1 if name != "huge finite of both signs" else 0
-    dev, host = device_forward(row, y, threads, vec, offset), host_forward(row, y)
+    dev, host = device_forward(row, y, threads, offset), host_forward(row, y)
     labels = ("logp", "row_max", "log_sum", "entropy", "sum_logits")
     for label, d, h in zip(labels, dev, host):
         if label == "sum_logits" and name == "huge finite of both signs":
@@ -103,6 +117,27 @@ def test_device_forward_matches_host(name, threads, vec, offset):
             assert d == pytest.approx(h, rel=2e-5, abs=2e-5), (label, d, h)
     undefined = name in ("all -inf", "+inf", "NaN")
     assert undefined == (dev[2] != dev[2]), "undefined rows have NaN log s on the device too"
+    # Plain rows (finite, |max| < 2^24) are finished by the one-read fast pass; the rest
+    # are read again by the exact pass.
+    exact = undefined or name in ("masked -inf", "offset 3e7 (past the base-2 fast range)", "huge finite of both signs")
+    assert dev[5] == (0.0 if exact else 1.0), "which pass finished the row"
+
+
+@pytest.mark.parametrize("name", ["random", "offset 1e6", "long, 4-vector steps", "shifts around the subnormal range"])
+def test_fast_pass_precision(name):
+    """The base-2 fast pass against float64 truth: log s, entropy and logp to float32 precision
+    at any offset it takes (d2 = fma(x, log2e, -m2) carries m2's rounding, which cancels)."""
+    row = ROWS[name]
+    dev = device_forward(row, 1, 128)
+    assert dev[5] == 1.0
+    x = row.double()
+    m = x.max()
+    log_s = torch.log(torch.exp(x - m).sum())
+    p = torch.exp(x - m - log_s)
+    entropy = -(p * torch.where(p > 0, torch.log(p), 0.0)).sum()
+    assert dev[2] == pytest.approx(float(log_s), rel=3e-6, abs=3e-6)
+    assert dev[3] == pytest.approx(float(entropy), rel=3e-6, abs=3e-6)
+    assert dev[0] == pytest.approx(float(x[1] - m - log_s), rel=3e-6, abs=3e-6)
 
 
 @pytest.mark.parametrize("name", list(ROWS))
@@ -121,7 +156,8 @@ def test_device_backward_matches_host(name):
 def _backward_schedule(v: int, k: int, threads: int, y: int, lead: int = 0) -> dict:
     """cuda_logps.cu's backward, vector path, as each thread's ordered reads ('r') and
     writes ('w', element, 'target' or 'other'): the peeled lead (one element per
-    thread), pairs of vectors i, i + threads, one remaining vector, the target's owner
+    thread), groups of UNROLL vectors i, i + threads, ..., the remaining vectors one by
+    one, the target's owner
     reading x_y first and writing it last, the tail."""
     lead = min(lead, v)
     nvec = (v - lead) // k
@@ -135,11 +171,12 @@ def _backward_schedule(v: int, k: int, threads: int, y: int, lead: int = 0) -> d
             ops.append(("r", y))
         i = tid
         vectors = []
-        while i + threads < nvec:
-            vectors.append((i, i + threads))
-            i += 2 * threads
-        if i < nvec:
+        while i + (UNROLL - 1) * threads < nvec:
+            vectors.append(tuple(i + u * threads for u in range(UNROLL)))
+            i += UNROLL * threads
+        while i < nvec:
             vectors.append((i,))
+            i += threads
         for group in vectors:
             ops += [("r", lead + j * k + c) for j in group for c in range(k)]
             ops += [("w", lead + j * k + c, "other") for j in group for c in range(k)]
@@ -156,9 +193,9 @@ def test_in_place_backward_schedule_is_race_free(k, threads, lead):
     """A model of the kernel's element ownership (the host replay above checks its math,
     not this): with out == logits, no thread reads an element after any thread wrote it,
     every element is written by exactly one thread, the target's last write is
-    g (1 - p_y) — for a target in the paired vectors, the remaining one or the tail."""
+    g (1 - p_y) — for a target in the unrolled vectors, the remaining ones or the tail."""
     for v in list(range(0, 3 * threads * k + 2 * k + 3, 7)) + [10 * threads * k + 7]:
-        for y in {0, 1, lead, max(v - 1, 0), v // 2, (v // k) * k, lead + threads * k, 2 * threads * k - 1}:
+        for y in {0, 1, lead, max(v - 1, 0), v // 2, (v // k) * k, lead + threads * k, UNROLL * threads * k + k}:
             if y >= v:
                 continue
             writer, final, read = {}, {}, {}

@@ -160,11 +160,13 @@ def compile_triton(fn, signature: dict, constexprs: dict, num_warps: int, arch: 
 
 
 def short_name(mangled: str) -> str:
-    """``forward_kernel<bf16, vec>``-style name of a cuda_logps.cu kernel."""
+    """``forward<bf16,vec,512>``-style name of a cuda_logps.cu kernel: dtype, then the
+    vector kernel at its block size (template argument THREADS) or ``scalar`` (THREADS = 0)."""
     kind = "forward" if "forward_kernel" in mangled else "backward" if "backward_kernel" in mangled else mangled
     dtype = "bf16" if "nv_bfloat16" in mangled else "fp16" if "__half" in mangled else "fp32"
-    vec = "vec" if re.search(r"Lb1E", mangled) else "scalar"
-    return f"{kind}<{dtype},{vec}>"
+    threads = re.search(r"Li(\d+)E", mangled)
+    variant = "scalar" if threads is None or threads.group(1) == "0" else f"vec,{threads.group(1)}"
+    return f"{kind}<{dtype},{variant}>"
 
 
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -187,7 +189,7 @@ def triton_kernels(arch: int = 90, vocab: int = 128256) -> dict:
         block, warps = launch_config(vocab, torch_dtype[dtype])
         fwd = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": "*fp32", "max_ptr": "*fp32",
                "log_sum_ptr": "*fp32", "entropy_ptr": "*fp32", "sum_logits_ptr": "*fp32", **common,
-               "ignore_index": "i64", "BLOCK_V": "constexpr"}  # fmt: skip
+               "ignore_index": "i64", "BLOCK_V": "constexpr", "VEC": "constexpr"}  # fmt: skip
         bwd = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "max_ptr": "*fp32", "log_sum_ptr": "*fp32",
                "grad_scale_ptr": "*fp32", "out_ptr": f"*{dtype}", **common, "out_stride_n": "i64",
                "out_stride_t": "i64", "ignore_index": "i64", "BLOCK_V": "constexpr"}  # fmt: skip
@@ -195,7 +197,8 @@ def triton_kernels(arch: int = 90, vocab: int = 128256) -> dict:
         # pointers, V and the strides divisible by 16 (T too, in the usual case).
         aligned = tuple(k for k, v in fwd.items() if v.startswith("*") or k in ("T", "V", "stride_n", "stride_t"))
         out[f"forward<{dtype}>"] = compile_triton(
-            logps_forward._logps_forward_kernel, fwd, {"BLOCK_V": block}, warps, arch, aligned
+            logps_forward._logps_forward_kernel, fwd, {"BLOCK_V": block, "VEC": min(block, 16 // ELEM_BYTES[dtype])},
+            warps, arch, aligned,
         )
         aligned = tuple(k for k, v in bwd.items() if v.startswith("*") or k in ("T", "V") or "stride" in k)
         out[f"backward<{dtype}>"] = compile_triton(
