@@ -37,4 +37,4 @@ bench: setup
 	$(PY) -m pyfastpo.bench
 
 clean:
-	rm -rf build *.egg-info pyfastpo/*.so $(VENV)
+	rm -rf build *.egg-info pyfastpo/*.so pyfastpo/backends/*.so $(VENV)

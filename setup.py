@@ -1,8 +1,8 @@
-"""Build script: the pybind11 C++ extension ``pyfastpo._C`` (always) and the CUDA
-extension ``pyfastpo._cuda`` (only when nvcc is found; skipped with a message
+"""Build script: the pybind11 C++ extension ``pyfastpo.backends._C`` (always) and the CUDA
+extension ``pyfastpo.backends._cuda`` (only when nvcc is found; skipped with a message
 otherwise). Neither links against torch: both bind raw pointers.
 
-``pyfastpo._cuda``: csrc/cuda_logps.cu is compiled by nvcc into an object, then
+``pyfastpo.backends._cuda``: csrc/cuda_logps.cu is compiled by nvcc into an object, then
 linked with the pybind11 binding by the host compiler against the STATIC CUDA
 runtime, so the module imports on machines without a GPU or libcudart.
 Set ``PYFASTPO_NO_CUDA=1`` to skip it.
@@ -42,13 +42,13 @@ def cuda_home():
 
 
 class BuildExt(build_ext):
-    """Compiles the .cu with nvcc first; drops ``pyfastpo._cuda`` (never fails) if that fails."""
+    """Compiles the .cu with nvcc first; drops ``pyfastpo.backends._cuda`` (never fails) if that fails."""
 
     def build_extensions(self):
-        for ext in [e for e in self.extensions if e.name == "pyfastpo._cuda"]:
+        for ext in [e for e in self.extensions if e.name == "pyfastpo.backends._cuda"]:
             reason = self._prepare_cuda(ext)
             if reason:
-                print(f"pyfastpo: NOT building the CUDA extension pyfastpo._cuda: {reason}. "
+                print(f"pyfastpo: NOT building the CUDA extension pyfastpo.backends._cuda: {reason}. "
                       "The 'cpp' and 'reference' backends are unaffected.")
                 self.extensions.remove(ext)
         super().build_extensions()
@@ -90,7 +90,7 @@ SOURCE_HASH = [("PFPO_SOURCE_HASH", f'"{source_hash()}"')]
 
 ext_modules = [
     Pybind11Extension(
-        "pyfastpo._C",
+        "pyfastpo.backends._C",
         ["csrc/bind_cpu.cpp", "csrc/cpu_logps.cpp", "csrc/device_emulation.cpp"],
         include_dirs=["csrc"],
         depends=glob.glob("csrc/*"),  # rebuilt when any source changes (the hash above too)
@@ -100,7 +100,7 @@ ext_modules = [
         extra_link_args=["-fopenmp"],
     ),
     Pybind11Extension(
-        "pyfastpo._cuda",
+        "pyfastpo.backends._cuda",
         ["csrc/bind_cuda.cpp"],
         include_dirs=["csrc"],
         depends=glob.glob("csrc/*"),  # the .cu is compiled apart: relink when any source changes

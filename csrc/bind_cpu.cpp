@@ -1,4 +1,4 @@
-// pybind11 module pyfastpo._C: the CPU driver (cpu_logps.cpp) over raw pointers.
+// pybind11 module pyfastpo.backends._C: the CPU driver (cpu_logps.cpp) over raw pointers.
 // Tensors cross as integer addresses (tensor.data_ptr()), so this extension
 // neither links against torch nor depends on its C++ ABI. The GIL is released
 // around the kernels.

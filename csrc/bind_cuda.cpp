@@ -1,4 +1,4 @@
-// pybind11 module pyfastpo._cuda: the CUDA driver (cuda_logps.cu) over raw
+// pybind11 module pyfastpo.backends._cuda: the CUDA driver (cuda_logps.cu) over raw
 // pointers and a stream handle. The CUDA runtime is linked statically, so this
 // module imports on a machine without a GPU or libcudart; the entry points then
 // raise RuntimeError("... no CUDA device ...").

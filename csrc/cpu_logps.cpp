@@ -234,7 +234,7 @@ Isa& current_isa() {
 int64_t elem_size(int dtype) {
   if (dtype == kFloat32) return 4;
   if (dtype == kBFloat16 || dtype == kFloat16) return 2;
-  throw std::invalid_argument("pyfastpo._C: unknown dtype code " + std::to_string(dtype));
+  throw std::invalid_argument("pyfastpo.backends._C: unknown dtype code " + std::to_string(dtype));
 }
 
 // Rows per OpenMP chunk: about 16k elements of work each, so small vocabularies
@@ -303,8 +303,8 @@ void set_cpu_isa(const std::string& isa) {
     return;
   }
   if (isa != "default" && isa != "avx2" && isa != "avx512")
-    throw std::invalid_argument("pyfastpo._C: unknown ISA '" + isa + "' (default, avx2, avx512)");
-  if (!cpu_has(isa)) throw std::runtime_error("pyfastpo._C: this CPU does not support " + isa);
+    throw std::invalid_argument("pyfastpo.backends._C: unknown ISA '" + isa + "' (default, avx2, avx512)");
+  if (!cpu_has(isa)) throw std::runtime_error("pyfastpo.backends._C: this CPU does not support " + isa);
   current_isa() = make_isa(isa);
 }
 

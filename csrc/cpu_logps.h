@@ -5,13 +5,9 @@
 #include <cstdint>
 #include <string>
 
+#include "native_abi.h"  // dtype codes, number of statistics
+
 namespace pfpo {
-
-// Logits dtype codes shared with pyfastpo/backends/cpp_backend.py and the CUDA driver.
-enum DtypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-// Number of per-token statistics the forward writes, in this order.
-constexpr int kNumStats = 5;
 
 // Per-token statistics into out_stats, a contiguous float32 [5, N*T] buffer:
 // logp, m (row max), log s (s = sum exp(x - m)), entropy, sum of logits.

@@ -35,16 +35,15 @@
 
 #include "cuda_logps.h"
 #include "logps_math.h"
+#include "native_abi.h"
 
 namespace pfpo {
 namespace {
 
-enum DtypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-constexpr int kNumStats = 5;  // per-token statistics of the forward (cpu_logps.h's order)
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("pyfastpo._cuda: ") + what + " failed: " +
+    throw std::runtime_error(std::string("pyfastpo.backends._cuda: ") + what + " failed: " +
                              cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
 }
 #define PFPO_CHECK(expr) check((expr), #expr)
@@ -429,7 +428,7 @@ bool same_misalignment(uintptr_t logits, uintptr_t out, int64_t es, int64_t sn, 
 void prepare(int device, int64_t V) {
   // The kernels index a row's 16-byte vectors with 32-bit integers.
   if (V >= (int64_t(1) << 31))
-    throw std::invalid_argument("pyfastpo._cuda: a row of " + std::to_string(V) + " logits; at most 2^31 - 1 are supported");
+    throw std::invalid_argument("pyfastpo.backends._cuda: a row of " + std::to_string(V) + " logits; at most 2^31 - 1 are supported");
   cuda_device_count();
   PFPO_CHECK(cudaSetDevice(device));
 }
@@ -488,7 +487,7 @@ int cuda_device_count() {
   if (err != cudaSuccess || count == 0) {
     cudaGetLastError();  // reset the runtime's last-error slot (not sticky)
     throw std::runtime_error(
-        std::string("pyfastpo._cuda: no CUDA device available (cudaGetDeviceCount: ") +
+        std::string("pyfastpo.backends._cuda: no CUDA device available (cudaGetDeviceCount: ") +
         (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") +
         "); use backend='cpp' or 'reference' for CPU tensors");
   }
@@ -512,7 +511,7 @@ void cuda_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, 
       return launch_forward<__half>(logits, N, T, V, stride_n, stride_t, labels, ignore_index,
                                     out_stats, s);
   }
-  throw std::invalid_argument("pyfastpo._cuda: unknown dtype code " + std::to_string(dtype));
+  throw std::invalid_argument("pyfastpo.backends._cuda: unknown dtype code " + std::to_string(dtype));
 }
 
 void cuda_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
@@ -534,7 +533,7 @@ void cuda_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V,
       return launch_backward<__half>(logits, N, T, V, stride_n, stride_t, labels, row_max, log_sum,
                                      grad_scale, ignore_index, out, out_stride_n, out_stride_t, s);
   }
-  throw std::invalid_argument("pyfastpo._cuda: unknown dtype code " + std::to_string(dtype));
+  throw std::invalid_argument("pyfastpo.backends._cuda: unknown dtype code " + std::to_string(dtype));
 }
 
 }  // namespace pfpo

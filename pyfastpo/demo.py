@@ -15,8 +15,10 @@ import time
 
 import torch
 
-import pyfastpo
+from pyfastpo.backends import available_backends
 from pyfastpo.bench.data import IGNORE, make_batch, trl_way_logps
+from pyfastpo.fused import fused_preference_loss
+from pyfastpo.losses import LOSS_TYPES, preference_loss
 from pyfastpo.memory import peak_memory
 
 
@@ -37,12 +39,12 @@ def run_one(contender: str, logits, ref_logits, labels, loss_type: str, repeats:
                     )
                     del logp
             counts = valid.sum(-1).chunk(2)
-            out = pyfastpo.preference_loss(
+            out = preference_loss(
                 *trl_way_logps(x, labels).chunk(2), *ref.chunk(2), chosen_num_tokens=counts[0],
                 rejected_num_tokens=counts[1], vocab_size=logits.shape[-1], **kwargs,
             )  # fmt: skip
         else:
-            out = pyfastpo.fused_preference_loss(x, labels, ref_logits=ref_logits, backend=contender, **kwargs)
+            out = fused_preference_loss(x, labels, ref_logits=ref_logits, backend=contender, **kwargs)
         (grad,) = torch.autograd.grad(out.loss, x)
         return out, grad
 
@@ -70,7 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--loss-types", nargs="+", default=list(pyfastpo.LOSS_TYPES))
+    parser.add_argument("--loss-types", nargs="+", default=list(LOSS_TYPES))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up")
     parser.add_argument(
         "--include-interpreted", action="store_true", help="also run triton under its (slow) CPU interpreter"
@@ -80,7 +82,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     logits, ref_logits, labels = make_batch(args.pairs, args.seq_len, args.vocab, dtype, device)
-    contenders = ["reference"] + [b for b in pyfastpo.available_backends(device) if b != "reference"]
+    contenders = ["reference"] + [b for b in available_backends(device) if b != "reference"]
     if device.type == "cpu" and "triton" in contenders and not args.include_interpreted:
         contenders.remove("triton")
         print("skipped: triton (on a CPU it runs only under the slow interpreter; pass --include-interpreted)")

@@ -29,11 +29,11 @@ def test_extension_is_built_from_the_current_sources(name):
     if name == "_cuda" and os.environ.get("PYFASTPO_NO_CUDA"):
         pytest.skip("PYFASTPO_NO_CUDA is set: the CUDA extension was skipped on purpose")
     try:
-        module = importlib.import_module(f"pyfastpo.{name}")
+        module = importlib.import_module(f"pyfastpo.backends.{name}")
     except ImportError:
         if name == "_C":
             raise
-        pytest.skip("pyfastpo._cuda is not built (no nvcc at install time)")
+        pytest.skip("pyfastpo.backends._cuda is not built (no nvcc at install time)")
     assert module.source_hash == source_hash(), (
-        f"pyfastpo.{name} was built from other sources than csrc/ holds now: rebuild (pip install -e .)"
+        f"pyfastpo.backends.{name} was built from other sources than csrc/ holds now: rebuild (pip install -e .)"
     )

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import pyfastpo
-from pyfastpo import _C
-from pyfastpo.backends import cpp_backend, reference
+from pyfastpo.backends import _C
+from pyfastpo.backends import cpp_backend, native, reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _supported(isa: str) -> bool:
@@ -81,13 +81,13 @@ def _special_floats():
 def test_from_float_matches_torch_rounding(dtype):
     x = _special_floats()
     got = torch.empty(x.shape, dtype=dtype)
-    _C.from_float(x.data_ptr(), got.data_ptr(), cpp_backend.dtype_code(dtype), x.numel())
+    _C.from_float(x.data_ptr(), got.data_ptr(), native.dtype_code(dtype), x.numel())
     want = x.to(dtype)
     keep = ~x.isnan()  # NaN payloads may differ; NaN-ness is checked below
     assert torch.equal(got.view(torch.int16)[keep], want.view(torch.int16)[keep])
     nan = torch.tensor([float("nan"), -float("nan")])
     got_nan = torch.empty(2, dtype=dtype)
-    _C.from_float(nan.data_ptr(), got_nan.data_ptr(), cpp_backend.dtype_code(dtype), 2)
+    _C.from_float(nan.data_ptr(), got_nan.data_ptr(), native.dtype_code(dtype), 2)
     assert got_nan.isnan().all()
 
 
@@ -96,11 +96,11 @@ def test_to_float_all_bit_patterns(dtype):
     bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
     h = bits.view(dtype)
     got = torch.empty(h.shape, dtype=torch.float32)
-    _C.to_float(h.data_ptr(), cpp_backend.dtype_code(dtype), got.data_ptr(), h.numel())
+    _C.to_float(h.data_ptr(), native.dtype_code(dtype), got.data_ptr(), h.numel())
     torch.testing.assert_close(got, h.float(), rtol=0, atol=0, equal_nan=True)
     # And back: every non-NaN 16-bit value survives a round trip exactly.
     back = torch.empty_like(h)
-    _C.from_float(got.data_ptr(), back.data_ptr(), cpp_backend.dtype_code(dtype), h.numel())
+    _C.from_float(got.data_ptr(), back.data_ptr(), native.dtype_code(dtype), h.numel())
     keep = ~h.isnan()
     assert torch.equal(back.view(torch.int16)[keep], bits[keep])
 
@@ -232,11 +232,11 @@ def _nvcc_present() -> bool:
     return bool(shutil.which("nvcc") or (home and glob.glob(os.path.join(home, "bin", "nvcc"))))
 
 
-@pytest.mark.skipif(not _nvcc_present(), reason="nvcc is absent: pyfastpo._cuda is not built by design")
+@pytest.mark.skipif(not _nvcc_present(), reason="nvcc is absent: pyfastpo.backends._cuda is not built by design")
 def test_cuda_extension_built_and_clear_without_gpu():
     if os.environ.get("PYFASTPO_NO_CUDA"):
         pytest.skip("PYFASTPO_NO_CUDA is set: the CUDA extension was skipped on purpose")
-    from pyfastpo import _cuda  # built whenever nvcc is present
+    from pyfastpo.backends import _cuda  # built whenever nvcc is present
     from pyfastpo.backends import cuda_backend
 
     if torch.cuda.is_available():

@@ -12,7 +12,7 @@ from pyfastpo.backends import cuda_backend
 
 BUILT = cuda_backend._cuda is not None
 REAL_RUNTIME_REASON = cuda_backend._runtime_reason
-needs_extension = pytest.mark.skipif(not BUILT, reason="pyfastpo._cuda was not built (no nvcc at install time)")
+needs_extension = pytest.mark.skipif(not BUILT, reason="pyfastpo.backends._cuda was not built (no nvcc at install time)")
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The CUDA kernels' math, checked on the CPU: ``pyfastpo._C`` carries a host replay of
+"""The CUDA kernels' math, checked on the CPU: ``pyfastpo.backends._C`` carries a host replay of
 ``cuda_logps.cu``'s per-row forward and backward compiled from the same header with the
 device's exp and max (``csrc/device_emulation.cpp``): ex2 with a flush to zero,
 fmaxf, the base-2 fast pass (4 16-byte vectors per re-base) and the exact pass that
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyfastpo import _C
+from pyfastpo.backends import _C
 from pyfastpo.backends import cpp_backend
 
 EXP_LO = -87.33654  # PFPO_EXP_LO in csrc/logps_math.h

@@ -1,29 +1,20 @@
 """``cpp`` backend: the C++ kernels of ``csrc/`` on CPU tensors (OpenMP over token rows).
 
-Thin wrapper over the pybind11 extension ``pyfastpo._C``, which takes raw
-pointers (``tensor.data_ptr()``), sizes and strides: the extension does not
-link against torch. Threads: ``torch.get_num_threads()``, like torch's own ops.
-See :mod:`pyfastpo.backends.base` for the contract.
+Thin wrapper over the pybind11 extension ``pyfastpo.backends._C`` (arguments:
+:mod:`pyfastpo.backends.native`). Threads: ``torch.get_num_threads()``, like
+torch's own ops. See :mod:`pyfastpo.backends.base` for the contract.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import KERNEL_DTYPES, TokenStats
+from .base import TokenStats
+from .native import NUM_STATS, backward_args, forward_args, load_extension
 
-try:
-    from pyfastpo import _C
-except ImportError as err:  # not built: the registry reports this reason
-    _C = None
-    _IMPORT_ERROR = f"pyfastpo._C could not be imported ({err})"
-else:
-    _IMPORT_ERROR = None
+_C, _IMPORT_ERROR = load_extension("_C")
 
 name = "cpp"
-
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-"""Codes of the logits dtypes the C++ drivers take (csrc/cpu_logps.h, cuda_logps.cu)."""
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -33,43 +24,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"it runs on CPU tensors only, not {device.type}"
     return None
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    """The C++ dtype code of a float32 / bfloat16 / float16 logits dtype."""
-    if dtype not in KERNEL_DTYPES:
-        raise ValueError(f"the C++ kernels take float32, bfloat16 or float16 logits, not {dtype}")
-    return DTYPE_CODES[dtype]
-
-
-NUM_STATS = len(TokenStats._fields)
-"""Rows of the float32 ``[NUM_STATS, N, T]`` buffer the C++ forward writes (TokenStats' order)."""
-
-
-def forward_args(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, out: torch.Tensor) -> tuple:
-    """The positional arguments ``_C.forward`` and ``_cuda.forward`` share: pointers,
-    dtype code, sizes and strides of ``logits [N, T, V]``, ``labels`` and the
-    contiguous float32 ``out [NUM_STATS, N, T]``."""
-    n, t, v = logits.shape
-    return (
-        logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
-        labels.data_ptr(), int(ignore_index), out.data_ptr(),
-    )  # fmt: skip
-
-
-def backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out) -> tuple:
-    """The positional arguments ``_C.backward`` and ``_cuda.backward`` share. ``row_max``,
-    ``log_sum`` and ``grad_scale`` must already be float32 and contiguous (the
-    contract of :mod:`pyfastpo.backends.base`): the kernels read them as flat arrays."""
-    for what, x in (("row_max", row_max), ("log_sum", log_sum), ("grad_scale", grad_scale)):
-        if x.dtype != torch.float32 or not x.is_contiguous():
-            raise ValueError(f"{what} must be a contiguous float32 tensor, got {x.dtype} strides {x.stride()}")
-    n, t, v = logits.shape
-    return (
-        logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
-        labels.data_ptr(), row_max.data_ptr(), log_sum.data_ptr(), grad_scale.data_ptr(), int(ignore_index),
-        out.data_ptr(), out.stride(0), out.stride(1),
-    )  # fmt: skip
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:

@@ -1,9 +1,8 @@
 """``cuda`` backend: the CUDA kernels of ``csrc/cuda_logps.cu`` on CUDA tensors.
 
-Thin wrapper over the pybind11 extension ``pyfastpo._cuda`` (raw pointers plus
-the current torch stream; the extension links the CUDA runtime statically and
-does not link against torch). It is built only when nvcc was present at install
-time. See :mod:`pyfastpo.backends.base` for the contract.
+Thin wrapper over the pybind11 extension ``pyfastpo.backends._cuda`` (arguments:
+:mod:`pyfastpo.backends.native`, plus the current torch stream; the extension links
+the CUDA runtime statically). It is built only when nvcc was present at install time. See :mod:`pyfastpo.backends.base` for the contract.
 """
 
 from __future__ import annotations
@@ -13,15 +12,9 @@ import functools
 import torch
 
 from .base import TokenStats
-from .cpp_backend import NUM_STATS, backward_args, forward_args
+from .native import NUM_STATS, backward_args, forward_args, load_extension
 
-try:
-    from pyfastpo import _cuda
-except ImportError as err:  # built without nvcc: the registry reports this reason
-    _cuda = None
-    _IMPORT_ERROR = f"pyfastpo._cuda could not be imported ({err}); it is built only when nvcc is found"
-else:
-    _IMPORT_ERROR = None
+_cuda, _IMPORT_ERROR = load_extension("_cuda", "; it is built only when nvcc is found")
 
 name = "cuda"
 
