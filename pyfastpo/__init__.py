@@ -15,6 +15,7 @@ from .fused import FusedPreferenceLossOutput, fused_preference_loss
 from .linear import linear_preference_loss, linear_sequence_logps
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
 from .sequence_logps import SequenceLogps, sequence_logps
+from .version import __version__
 
 __all__ = [
     "LOSS_TYPES",
@@ -28,4 +29,3 @@ __all__ = [
     "preference_loss",
     "sequence_logps",
 ]
-__version__ = "0.1.0"

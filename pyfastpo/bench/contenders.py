@@ -24,8 +24,11 @@ from typing import Callable
 
 import torch
 
-import pyfastpo
 from pyfastpo.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
+from pyfastpo.linear import linear_preference_loss
+from pyfastpo.losses import preference_loss
+from pyfastpo.sequence_logps import sequence_logps
+from pyfastpo.version import __version__
 
 from .data import IGNORE, trl_way_logps
 
@@ -89,9 +92,9 @@ def _pyfastpo_logits(name: str):
         _check_backend(name, device, dtype, options)
 
         def op(logits, labels):
-            return pyfastpo.sequence_logps(logits, labels, backend=name).logps
+            return sequence_logps(logits, labels, backend=name).logps
 
-        return op, f"pyfastpo {pyfastpo.__version__} sequence_logps(backend={name!r})"
+        return op, f"pyfastpo {__version__} sequence_logps(backend={name!r})"
 
     return build
 
@@ -101,10 +104,10 @@ def _pyfastpo_linear(name: str):
         _check_backend(name, device, dtype, options)
 
         def op(hidden, weight, labels):
-            out = pyfastpo.linear_preference_loss(hidden, weight, labels, loss_type="sigmoid", beta=BETA, backend=name)
+            out = linear_preference_loss(hidden, weight, labels, loss_type="sigmoid", beta=BETA, backend=name)
             return out.loss, out.policy.logps
 
-        return op, f"pyfastpo {pyfastpo.__version__} linear_preference_loss(backend={name!r})"
+        return op, f"pyfastpo {__version__} linear_preference_loss(backend={name!r})"
 
     return build
 
@@ -173,7 +176,7 @@ def _build_materialized(device, dtype, options):
 
     def op(hidden, weight, labels):
         logps = logps_of(hidden @ weight.t(), labels)
-        return pyfastpo.preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
+        return preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
 
     return op, f"hidden @ weight.T, then {source}, then pyfastpo.preference_loss"
 
@@ -213,7 +216,7 @@ def _build_cce(device, dtype, options):
         # sum's backward hands CCE an expanded (stride-0) gradient, which its backward cannot .view().
         nll = nll.float()
         logps = -(nll @ nll.new_ones(nll.shape[-1]))
-        return pyfastpo.preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
+        return preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
 
     return op, (f"cut-cross-entropy {_version('cut-cross-entropy')} linear_cross_entropy(reduction='none'), "
                 "then pyfastpo.preference_loss")  # fmt: skip

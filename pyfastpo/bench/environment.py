@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-import pyfastpo
 
 
 def device_name(device: torch.device) -> str:
@@ -40,7 +39,7 @@ def _version(dist: str) -> str:
 
 def git_commit() -> str:
     """The checkout's commit (with "+ uncommitted changes" when the tracked tree differs), or "unknown"."""
-    root = Path(pyfastpo.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout holding pyfastpo/
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
