@@ -11,9 +11,10 @@ Public API (README.md has the details and an example):
 """
 
 from .backends import available_backends
-from .fused import FusedPreferenceLossOutput, fused_preference_loss
+from .fused import fused_preference_loss
 from .linear import linear_preference_loss, linear_sequence_logps
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
+from .pairs import FusedPreferenceLossOutput
 from .sequence_logps import SequenceLogps, sequence_logps
 from .version import __version__
 

@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from .backends import get_backend
-from .losses import PreferenceLossOutput, preference_loss
-from .losses.options import loss_types
-from .losses.pairwise import MALLOWS
-from .losses.preference_loss import check_loss_kwargs
-from .sequence_logps import SequenceLogps, sequence_logps
+from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, pair_loss_from_stats
+from .sequence_logps import sequence_logps
 from .validation import check_logits_labels, check_pairs, check_reference_input
-
-
-class FusedPreferenceLossOutput(NamedTuple):
-    """:class:`PreferenceLossOutput`'s fields plus the per-sequence stats.
-
-    policy: :class:`SequenceLogps` of the policy logits, ``[N]`` each.
-    reference: the same for the reference logits (None when reference log-probs
-        were given precomputed or training is reference-free).
-    """
-
-    loss: torch.Tensor
-    losses: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
-    metrics: dict
-    policy: SequenceLogps
-    reference: SequenceLogps | None
 
 
 def fused_preference_loss(
@@ -61,8 +39,8 @@ def fused_preference_loss(
         backend, inplace_backward, ignore_index: as :func:`pyfastpo.sequence_logps`.
 
     Returns:
-        :class:`FusedPreferenceLossOutput`; its metrics add TRL's
-        ``logits/chosen`` and ``logits/rejected``.
+        :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies
+        included); its metrics add TRL's ``logits/chosen`` and ``logits/rejected``.
     """
     # Every argument is checked before the first pass over the logits (on a GPU a
     # pass over multi-GB logits costs real time before an error would surface).
@@ -73,68 +51,20 @@ def fused_preference_loss(
         check_reference_input("ref_logits", ref_logits, "logits", logits, ref_chosen_logps, ref_rejected_logps)
         check_logits_labels(ref_logits, labels, ignore_index, name="ref_logits")
         get_backend(backend, ref_logits.device, ref_logits.dtype)
-    check_reference_logps(ref_chosen_logps, ref_rejected_logps, logits.shape[0] // 2, logits.device)
-    filled = ("ref_chosen_entropy", "ref_rejected_entropy") if ref_logits is not None else ()
-    check_loss_kwargs(
-        loss_type, loss_kwargs, num_pairs=logits.shape[0] // 2, device=logits.device,
-        vocab_size=logits.shape[-1], filled=filled,
+    check_pair_loss_arguments(
+        logits.shape[0], logits.device, logits.shape[-1], ref_logits is not None,
+        ref_chosen_logps, ref_rejected_logps, loss_type, loss_kwargs,
     )  # fmt: skip
     policy = sequence_logps(
-        logits, labels, ignore_index=ignore_index, backend=backend, inplace_backward=inplace_backward
-    )
+        logits, labels, ignore_index=ignore_index, return_entropy=True, backend=backend,
+        inplace_backward=inplace_backward,
+    )  # fmt: skip
     reference = None
     if ref_logits is not None:
         with torch.no_grad():
             reference = sequence_logps(
                 ref_logits, labels, ignore_index=ignore_index, return_entropy=True, backend=backend
             )
-    return _preference_from_stats(
+    return pair_loss_from_stats(
         policy, reference, ref_chosen_logps, ref_rejected_logps, logits.shape[-1], loss_type, loss_kwargs
     )
-
-
-def check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs: int, device: torch.device) -> None:
-    """Precomputed reference log-probs: both or neither, each a ``[num_pairs]`` tensor on ``device``."""
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
-    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
-        if value is None:
-            continue
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (num_pairs,):
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{name} must be a tensor of shape [{num_pairs}] (one value per pair), got {got}")
-        if not value.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating tensor (log-probabilities), got {value.dtype}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to(device)")
-
-
-def _preference_from_stats(
-    policy: SequenceLogps,
-    reference: SequenceLogps | None,
-    ref_chosen_logps: torch.Tensor | None,
-    ref_rejected_logps: torch.Tensor | None,
-    vocab_size: int,
-    loss_type,
-    loss_kwargs: dict,
-) -> FusedPreferenceLossOutput:
-    """The preference loss from per-sequence stats ``[N]`` of the policy and (optionally)
-    the reference: splits chosen/rejected halves, fills token counts, reference
-    entropies and ``vocab_size`` in for the losses, adds TRL's ``logits/*`` metrics."""
-    loss_kwargs = dict(loss_kwargs)
-    if reference is not None:
-        ref_chosen_logps, ref_rejected_logps = reference.logps.chunk(2)
-        if reference.entropy is not None and MALLOWS & set(loss_types(loss_type)):
-            loss_kwargs["ref_chosen_entropy"], loss_kwargs["ref_rejected_entropy"] = reference.entropy.chunk(2)
-    chosen_logps, rejected_logps = policy.logps.chunk(2)
-    nc, nr = policy.num_tokens.chunk(2)
-    # Computed here; the entry points refuse them as user arguments (check_loss_kwargs).
-    loss_kwargs.update(chosen_num_tokens=nc, rejected_num_tokens=nr, vocab_size=vocab_size)
-    out: PreferenceLossOutput = preference_loss(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_type, **loss_kwargs
-    )
-    metrics = dict(out.metrics)
-    for name, mean, count in zip(("chosen", "rejected"), policy.mean_logits.chunk(2), (nc, nr)):
-        # TRL's metric: the mean logit over all valid tokens of that half.
-        metrics[f"logits/{name}"] = (mean * count).sum() / count.sum().clamp_min(1)
-    return FusedPreferenceLossOutput(*out[:4], metrics, policy, reference)

@@ -22,8 +22,7 @@ import math
 import torch
 
 from .backends import TokenStats, get_backend
-from .fused import FusedPreferenceLossOutput, _preference_from_stats, check_reference_logps
-from .losses.preference_loss import check_loss_kwargs
+from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, pair_loss_from_stats
 from .sequence_logps import SequenceLogps, first_order_only, reduce_tokens
 from .validation import (
     FLOAT_DTYPES,
@@ -246,7 +245,7 @@ def linear_preference_loss(
         chunk_tokens, memory_budget_bytes, backend: see :func:`linear_sequence_logps`.
 
     Returns:
-        :class:`pyfastpo.FusedPreferenceLossOutput`.
+        :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies included).
     """
     # Every argument is checked before the first projection.
     _check_linear(hidden, weight, bias, labels, ignore_index)
@@ -264,10 +263,9 @@ def linear_preference_loss(
         _check_linear(ref_hidden, ref_w, ref_b, labels, ignore_index, "ref_hidden", "ref_weight", "ref_bias")
     elif ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_weight / ref_bias are used only with ref_hidden; pass ref_hidden too, or drop them")
-    check_reference_logps(ref_chosen_logps, ref_rejected_logps, hidden.shape[0] // 2, hidden.device)
-    check_loss_kwargs(
-        loss_type, loss_kwargs, num_pairs=hidden.shape[0] // 2, device=hidden.device, vocab_size=weight.shape[0],
-        filled=("ref_chosen_entropy", "ref_rejected_entropy") if ref_hidden is not None else (),
+    check_pair_loss_arguments(
+        hidden.shape[0], hidden.device, weight.shape[0], ref_hidden is not None,
+        ref_chosen_logps, ref_rejected_logps, loss_type, loss_kwargs,
     )  # fmt: skip
     common = dict(ignore_index=ignore_index, backend=backend, chunk_tokens=chunk_tokens,
                   memory_budget_bytes=memory_budget_bytes)  # fmt: skip
@@ -279,6 +277,6 @@ def linear_preference_loss(
                 ref_hidden.detach(), ref_w.detach(), labels, bias=None if ref_b is None else ref_b.detach(),
                 return_entropy=True, **common,
             )  # fmt: skip
-    return _preference_from_stats(
+    return pair_loss_from_stats(
         policy, reference, ref_chosen_logps, ref_rejected_logps, weight.shape[0], loss_type, loss_kwargs
     )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pyfastpo.version import __version__
+
 
 
 def device_name(device: torch.device) -> str:
@@ -68,7 +70,7 @@ def describe(device: torch.device, argv: list[str] | None) -> dict:
         "device_type": device.type,
         "torch": torch.__version__,
         "triton": _version("triton"),
-        "pyfastpo": pyfastpo.__version__,
+        "pyfastpo": __version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": git_commit(),

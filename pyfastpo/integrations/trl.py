@@ -26,7 +26,6 @@ construction; none is ignored.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 import torch
 
@@ -39,134 +38,20 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
-from ..backends import available_backends, check_backend_available
-from ..losses import LOSS_TYPES, preference_loss
-from ..losses.options import check_loss_options
+from ..backends import available_backends
+from ..fused import fused_preference_loss
 from ..linear import linear_preference_loss
-from ..losses.pairwise import MALLOWS
+from ..losses import check_loss_options, needs_reference_entropy
+from ..pairs import REFERENCE_ENTROPIES
 from ..sequence_logps import sequence_logps
+from .trl_config import FastDPOConfig, check_supported, loss_options
 
 __all__ = ["FastDPOConfig", "FastDPOTrainer"]
 
 # Batch keys that are not model inputs: TRL's plus the precomputed reference entropies.
-_REF_STAT_KEYS = ("ref_chosen_entropy", "ref_rejected_entropy")
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_REF_STAT_KEYS}
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *REFERENCE_ENTROPIES}
 # Salt of the precomputed-reference cache fingerprint: our cache holds more columns than TRL's.
 _CACHE_SALT = "pyfastpo-ref-stats-v1"
-
-
-@dataclass
-class FastDPOConfig(DPOConfig):
-    r"""``trl.DPOConfig`` plus pyfastpo's options.
-
-    ``loss_type`` accepts every TRL value plus ``focalpo``, ``mallows_dpo``,
-    ``mallows_ipo``, ``mallows_phi`` and ``simpo``, alone or as a list weighted
-    by ``loss_weights``.
-
-    Parameters:
-        focal_gamma (`float`, defaults to `0.05`): FocalPO's exponent.
-        focal_detach (`bool`, defaults to `False`): stop the gradient through FocalPO's factor.
-        dispersion_scale (`float`, defaults to `0.29`): MallowsPO's ``c`` (``phi = Hbar ** c``).
-        simpo_gamma (`float`, defaults to `0.5`): SimPO's target margin.
-        bcr_weight (`float`, defaults to `0`): weight of budget-controlled regularization (0: off).
-        bcr_budget (`float`, defaults to `0`): how far the chosen log-likelihood may fall for free.
-        bcr_per_token (`bool`, defaults to `False`): measure the drop per completion token.
-        pyfastpo_backend (`str`, defaults to `"auto"`): ``auto``, ``reference``, ``triton``, ``cuda`` or ``cpp``.
-        use_fused_linear (`bool`, defaults to `False`): compute the loss from the backbone's hidden
-            states and the ``lm_head`` weight (``pyfastpo.linear_preference_loss``) without
-            materializing logits.
-    """
-
-    focal_gamma: float = field(default=0.05, metadata={"help": "FocalPO exponent gamma (loss_type='focalpo')."})
-    focal_detach: bool = field(
-        default=False, metadata={"help": "Stop the gradient through FocalPO's modulating factor sigmoid(h)^gamma."}
-    )
-    dispersion_scale: float = field(
-        default=0.29, metadata={"help": "MallowsPO dispersion scale c: phi = Hbar ** c (mallows_* loss types)."}
-    )
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin (loss_type='simpo')."})
-    bcr_weight: float = field(
-        default=0.0, metadata={"help": "Budget-controlled regularization weight (0 disables it)."}
-    )
-    bcr_budget: float = field(
-        default=0.0, metadata={"help": "BCR budget: how far the chosen log-likelihood may fall without penalty."}
-    )
-    bcr_per_token: bool = field(
-        default=False, metadata={"help": "BCR: divide the chosen log-likelihood drop by the completion length."}
-    )
-    pyfastpo_backend: str = field(
-        default="auto",
-        metadata={"help": "pyfastpo backend: 'auto', 'reference', 'triton', 'cuda' or 'cpp'."},
-    )
-    use_fused_linear: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute the loss from the last hidden states and the lm_head weight "
-            "(pyfastpo.linear_preference_loss), never materializing the logits."
-        },
-    )
-
-    def __post_init__(self):
-        if isinstance(self.loss_type, str):
-            self.loss_type = [self.loss_type]
-        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
-        if unknown:
-            raise ValueError(f"loss_type {unknown} is unknown; choose from {sorted(LOSS_TYPES)}")
-        try:  # unknown, or not installed here: say how to get it now, not at step 1
-            check_backend_available(self.pyfastpo_backend)
-        except ValueError as err:
-            raise ValueError(f"pyfastpo_backend: {err}") from None
-        super().__post_init__()
-        _validate_loss_options(_loss_kwargs(self))
-
-
-def _validate_loss_options(loss_kwargs: dict) -> None:
-    """Check every loss option (names, beta, label_smoothing, weights, ...) now, not at step 1."""
-    check_loss_options(**loss_kwargs)
-
-
-def _loss_kwargs(args) -> dict:
-    """``preference_loss`` keyword arguments from a (Fast)DPOConfig; plain DPOConfigs get the defaults."""
-    defaults = FastDPOConfig.__dataclass_fields__
-    get = lambda name: getattr(args, name, defaults[name].default)  # noqa: E731
-    return dict(
-        loss_type=list(args.loss_type),
-        loss_weights=args.loss_weights,
-        beta=args.beta,
-        label_smoothing=args.label_smoothing,
-        discopop_tau=args.discopop_tau,
-        focal_gamma=get("focal_gamma"),
-        focal_detach=get("focal_detach"),
-        simpo_gamma=get("simpo_gamma"),
-        dispersion_scale=get("dispersion_scale"),
-        bcr_weight=get("bcr_weight"),
-        bcr_budget=get("bcr_budget"),
-        bcr_per_token=get("bcr_per_token"),
-    )
-
-
-def _check_supported(args) -> None:
-    """Raise ValueError for every DPOConfig option this trainer does not implement."""
-    problems = []
-    if args.use_liger_kernel:
-        problems.append(
-            "use_liger_kernel=True: FastDPOTrainer replaces the Liger DPO loss; its fused counterpart is "
-            "use_fused_linear=True (set use_liger_kernel=False)"
-        )
-    if args.ld_alpha is not None:
-        problems.append("ld_alpha (LD-DPO length desensitization) is not implemented; set ld_alpha=None")
-    if args.use_weighting:
-        problems.append("use_weighting=True (WPO weighting) is not implemented; set use_weighting=False")
-    if args.f_divergence_type != "reverse_kl":
-        problems.append(
-            f"f_divergence_type={args.f_divergence_type!r} is not implemented (only 'reverse_kl', standard DPO)"
-        )
-    if args.padding_free:
-        problems.append(
-            "padding_free=True is not supported (trl 1.13's DPOTrainer disables it as well); set padding_free=False"
-        )
-    if problems:
-        raise ValueError("FastDPOTrainer does not support: " + "; ".join(problems))
 
 
 class _RefStatsCollator:
@@ -177,7 +62,7 @@ class _RefStatsCollator:
 
     def __call__(self, examples):
         batch = self.inner(examples)
-        for key in _REF_STAT_KEYS:
+        for key in REFERENCE_ENTROPIES:
             if key in examples[0]:
                 batch[key] = torch.tensor([example[key] for example in examples], dtype=torch.float32)
         return batch
@@ -215,19 +100,19 @@ class FastDPOTrainer(DPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path or "model"
             args = FastDPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DPO")
-        _check_supported(args)
-        self._pf_loss_kwargs = _loss_kwargs(args)
+        check_supported(args)
+        self._pyfastpo_loss_kwargs = loss_options(args)
         if not isinstance(args, FastDPOConfig):  # a plain DPOConfig: check its loss options as FastDPOConfig does
-            _validate_loss_options(self._pf_loss_kwargs)
-        self._pf_backend = getattr(args, "pyfastpo_backend", "auto")
-        if self._pf_backend != "auto" and self._pf_backend not in available_backends(args.device):
+            check_loss_options(**self._pyfastpo_loss_kwargs)
+        self._pyfastpo_backend = getattr(args, "pyfastpo_backend", "auto")
+        if self._pyfastpo_backend != "auto" and self._pyfastpo_backend not in available_backends(args.device):
             raise ValueError(
-                f"pyfastpo_backend={self._pf_backend!r} cannot run on {args.device}; "
+                f"pyfastpo_backend={self._pyfastpo_backend!r} cannot run on {args.device}; "
                 f"available here: {available_backends(args.device)}"
             )
-        self._pf_use_linear = bool(getattr(args, "use_fused_linear", False))
-        self._pf_needs_entropy = bool(MALLOWS & set(args.loss_type))
-        if self._pf_use_linear:
+        self._pyfastpo_use_linear = bool(getattr(args, "use_fused_linear", False))
+        self._pyfastpo_needs_entropy = needs_reference_entropy(args.loss_type)
+        if self._pyfastpo_use_linear:
             if compute_metrics is not None:
                 raise ValueError(
                     "compute_metrics needs the logits, which use_fused_linear=True never materializes; "
@@ -248,7 +133,7 @@ class FastDPOTrainer(DPOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
-        if self._pf_use_linear:
+        if self._pyfastpo_use_linear:
             self._check_fused_linear()
 
     # ------------------------------------------------------------------ checks
@@ -297,7 +182,7 @@ class FastDPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if not self._is_vision_dataset:
-            for key in _REF_STAT_KEYS:
+            for key in REFERENCE_ENTROPIES:
                 if key not in self._signature_columns:
                     self._signature_columns.append(key)
 
@@ -307,7 +192,11 @@ class FastDPOTrainer(DPOTrainer):
         return logps.chunk(2, dim=0)
 
     def _reference_forward(self, model, model_kwargs, backbone_only: bool = False):
-        """Reference outputs, with no gradient: ``ref_model``, or the policy with its adapter off (PEFT)."""
+        """Reference outputs, with no gradient: ``ref_model``, or the policy with its adapter off (PEFT).
+
+        The model and adapter choice is a copy of trl 1.13's ``compute_ref_log_probs``
+        (private logic, not a hook), kept here so that the logits path, the hidden-state
+        path (``backbone_only``) and the precompute all pick the same reference."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
                 unwrapped = self.accelerator.unwrap_model(self.model)
@@ -329,11 +218,16 @@ class FastDPOTrainer(DPOTrainer):
         ref_outputs = self._reference_forward(model, model_kwargs)
         labels = _next_token_labels(inputs["input_ids"], inputs["completion_mask"])
         with torch.no_grad():
-            stats = sequence_logps(ref_outputs.logits, labels, return_entropy=True, backend=self._pf_backend)
+            stats = sequence_logps(ref_outputs.logits, labels, return_entropy=True, backend=self._pyfastpo_backend)
         return stats.logps, stats.entropy
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        """TRL's precompute, storing ``ref_chosen_entropy``/``ref_rejected_entropy`` next to the log-probs."""
+        """TRL's precompute, storing ``ref_chosen_entropy``/``ref_rejected_entropy`` next to the log-probs.
+
+        A copy of trl 1.13's private ``DPOTrainer._precompute_ref_logps`` (it stores two
+        columns and has no hook for more), changed in three places: the collator is
+        wrapped to carry the entropies, the cache fingerprint is salted (the cache holds
+        more columns than TRL's), and the entropy columns are written."""
         if isinstance(dataset, IterableDataset):
             raise ValueError(
                 "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
@@ -367,7 +261,7 @@ class FastDPOTrainer(DPOTrainer):
         else:
             model = self.ref_model or self.model
 
-        columns = {k: [] for k in ("ref_chosen_logps", "ref_rejected_logps", *_REF_STAT_KEYS)}
+        columns = {k: [] for k in ("ref_chosen_logps", "ref_rejected_logps", *REFERENCE_ENTROPIES)}
         for batch in tqdm(
             iterable=loader,
             desc=f"Computing reference log probs and entropies for {name} dataset",
@@ -396,7 +290,7 @@ class FastDPOTrainer(DPOTrainer):
     # -------------------------------------------------------------------- loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self._pf_use_linear:
+        if self._pyfastpo_use_linear:
             return self._compute_loss_linear(self.accelerator.unwrap_model(model), inputs, return_outputs)
         return self._compute_loss(model, inputs, return_outputs)
 
@@ -405,7 +299,7 @@ class FastDPOTrainer(DPOTrainer):
         if not self.precompute_ref_logps:
             return None
         ref = {"ref_chosen_logps": inputs["ref_chosen_logps"], "ref_rejected_logps": inputs["ref_rejected_logps"]}
-        if self._pf_needs_entropy:
+        if self._pyfastpo_needs_entropy:
             if "ref_chosen_entropy" not in inputs:
                 raise ValueError(
                     "the Mallows losses need reference entropies, but the batch has precomputed ref_chosen_logps "
@@ -415,22 +309,6 @@ class FastDPOTrainer(DPOTrainer):
             ref["ref_chosen_entropy"] = inputs["ref_chosen_entropy"]
             ref["ref_rejected_entropy"] = inputs["ref_rejected_entropy"]
         return ref
-
-    def _pf_loss(self, chosen_logps, rejected_logps, num_tokens, vocab_size, ref: dict):
-        nc, nr = num_tokens.chunk(2)
-        out = preference_loss(
-            chosen_logps,
-            rejected_logps,
-            ref["ref_chosen_logps"],
-            ref["ref_rejected_logps"],
-            chosen_num_tokens=nc,
-            rejected_num_tokens=nr,
-            ref_chosen_entropy=ref.get("ref_chosen_entropy"),
-            ref_rejected_entropy=ref.get("ref_rejected_entropy"),
-            vocab_size=vocab_size,
-            **self._pf_loss_kwargs,
-        )
-        return out
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -447,26 +325,18 @@ class FastDPOTrainer(DPOTrainer):
         logits = outputs.logits
         shift_mask = completion_mask[..., 1:]
         labels = _next_token_labels(input_ids, completion_mask)
-        policy = sequence_logps(logits, labels, return_entropy=True, backend=self._pf_backend)
-        chosen_logps, rejected_logps = policy.logps.chunk(2, dim=0)  # batch is [chosen, rejected]
-
         ref = self._reference_inputs(inputs)
-        if ref is None:
+        ref_outputs = None
+        if ref is None:  # streamed: the reference's logits go through the same pass as the policy's
             ref_model_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
             ref_outputs = self._reference_forward(model, ref_model_kwargs)
-            with torch.no_grad():
-                ref_stats = sequence_logps(
-                    ref_outputs.logits,
-                    labels,
-                    return_entropy=self._pf_needs_entropy,
-                    backend=self._pf_backend,
-                )
-            del ref_outputs
-            ref = dict(zip(("ref_chosen_logps", "ref_rejected_logps"), ref_stats.logps.chunk(2)))
-            if self._pf_needs_entropy:
-                ref.update(zip(_REF_STAT_KEYS, ref_stats.entropy.chunk(2)))
-
-        out = self._pf_loss(chosen_logps, rejected_logps, policy.num_tokens, logits.shape[-1], ref)
+        out = fused_preference_loss(
+            logits, labels, ref_logits=None if ref_outputs is None else ref_outputs.logits, **(ref or {}),
+            backend=self._pyfastpo_backend, **self._pyfastpo_loss_kwargs,
+        )  # fmt: skip
+        del ref_outputs  # the reference logits: freed before the backward, as in trl
+        policy = out.policy
+        chosen_logps, rejected_logps = policy.logps.chunk(2, dim=0)  # batch is [chosen, rejected]
         loss = out.loss
         if self.aux_loss_enabled:
             aux_loss = outputs.aux_loss
@@ -500,25 +370,18 @@ class FastDPOTrainer(DPOTrainer):
         lm_head = policy_model.get_output_embeddings()
         labels = _next_token_labels(inputs["input_ids"], inputs["completion_mask"])
 
-        ref_kwargs = {}
-        ref = self._reference_inputs(inputs)
-        if ref is None:
+        ref_kwargs = self._reference_inputs(inputs)  # precomputed, or None: streamed from the reference model
+        if ref_kwargs is None:
             ref_out, ref_head = self._reference_forward(model, model_kwargs, backbone_only=True)
-            ref_kwargs = dict(
-                ref_hidden=ref_out.last_hidden_state, ref_weight=ref_head.weight, ref_bias=ref_head.bias
-            )
-        else:
-            ref_kwargs = {k: v for k, v in ref.items() if k in ("ref_chosen_logps", "ref_rejected_logps")}
-            if self._pf_needs_entropy:
-                ref_kwargs.update({k: ref[k] for k in _REF_STAT_KEYS})
+            ref_kwargs = dict(ref_hidden=ref_out.last_hidden_state, ref_weight=ref_head.weight, ref_bias=ref_head.bias)
         out = linear_preference_loss(
             hidden,
             lm_head.weight,
             labels,
             bias=lm_head.bias,
-            backend=self._pf_backend,
+            backend=self._pyfastpo_backend,
             **ref_kwargs,
-            **self._pf_loss_kwargs,
+            **self._pyfastpo_loss_kwargs,
         )
         chosen_logps, rejected_logps = out.policy.logps.chunk(2)
         # Like trl's Liger path: no mean_token_accuracy (it needs the argmax of logits that never exist).
@@ -528,7 +391,8 @@ class FastDPOTrainer(DPOTrainer):
 
     def _log_policy_stats(self, mode, inputs, policy):
         """entropy, num_tokens and logits/* exactly as trl logs them, from the policy's
-        per-sequence :class:`pyfastpo.SequenceLogps`."""
+        per-sequence :class:`pyfastpo.SequenceLogps` (trl 1.13's ``_compute_loss``
+        computes them from the logits; this restates its metric code)."""
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
         mean_logits, num_tokens = policy.mean_logits, policy.num_tokens
@@ -543,7 +407,8 @@ class FastDPOTrainer(DPOTrainer):
             metrics[f"logits/{name}"].append(total_logits / total_tokens if total_tokens > 0 else 0.0)
 
     def _log_rewards(self, mode, out, chosen_logps, rejected_logps):
-        """rewards/* and logps/* exactly as trl logs them, plus pyfastpo's extra metrics."""
+        """rewards/* and logps/* exactly as trl logs them (trl 1.13's ``_compute_loss``
+        metric code, restated), plus pyfastpo's extra metrics."""
         metrics = self._metrics[mode]
         chosen_rewards, rejected_rewards = out.chosen_rewards, out.rejected_rewards
         gather = self.accelerator.gather

@@ -97,6 +97,12 @@ def _number(name: str, value, *, low: float | None = None, strict: bool = False,
     return x
 
 
+def needs_reference_entropy(loss_type) -> bool:
+    """Whether ``loss_type`` (a name or a list) reads the reference's token entropies
+    (the MallowsPO dispersion): then they must be streamed or precomputed."""
+    return bool(MALLOWS & set(loss_types(loss_type)))
+
+
 def check_loss_options(
     loss_type,
     *,

@@ -1,0 +1,124 @@
+"""``FastDPOConfig``: ``trl.DPOConfig`` plus pyfastpo's options (kept apart from the
+trainer, as TRL keeps ``dpo_config.py``), and what the trainer reads from a config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import trl_version  # noqa: F401  (first: raises ImportError on an unsupported trl, before trl's internals)
+from trl import DPOConfig
+
+from ..backends import check_backend_available
+from ..losses import LOSS_TYPES, check_loss_options
+
+__all__ = ["FastDPOConfig", "check_supported", "loss_options"]
+
+
+@dataclass
+class FastDPOConfig(DPOConfig):
+    r"""``trl.DPOConfig`` plus pyfastpo's options.
+
+    ``loss_type`` accepts every TRL value plus ``focalpo``, ``mallows_dpo``,
+    ``mallows_ipo``, ``mallows_phi`` and ``simpo``, alone or as a list weighted
+    by ``loss_weights``.
+
+    Parameters:
+        focal_gamma (`float`, defaults to `0.05`): FocalPO's exponent.
+        focal_detach (`bool`, defaults to `False`): stop the gradient through FocalPO's factor.
+        dispersion_scale (`float`, defaults to `0.29`): MallowsPO's ``c`` (``phi = Hbar ** c``).
+        simpo_gamma (`float`, defaults to `0.5`): SimPO's target margin.
+        bcr_weight (`float`, defaults to `0`): weight of budget-controlled regularization (0: off).
+        bcr_budget (`float`, defaults to `0`): how far the chosen log-likelihood may fall for free.
+        bcr_per_token (`bool`, defaults to `False`): measure the drop per completion token.
+        pyfastpo_backend (`str`, defaults to `"auto"`): ``auto``, ``reference``, ``triton``, ``cuda`` or ``cpp``.
+        use_fused_linear (`bool`, defaults to `False`): compute the loss from the backbone's hidden
+            states and the ``lm_head`` weight (``pyfastpo.linear_preference_loss``) without
+            materializing logits.
+    """
+
+    focal_gamma: float = field(default=0.05, metadata={"help": "FocalPO exponent gamma (loss_type='focalpo')."})
+    focal_detach: bool = field(
+        default=False, metadata={"help": "Stop the gradient through FocalPO's modulating factor sigmoid(h)^gamma."}
+    )
+    dispersion_scale: float = field(
+        default=0.29, metadata={"help": "MallowsPO dispersion scale c: phi = Hbar ** c (mallows_* loss types)."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin (loss_type='simpo')."})
+    bcr_weight: float = field(
+        default=0.0, metadata={"help": "Budget-controlled regularization weight (0 disables it)."}
+    )
+    bcr_budget: float = field(
+        default=0.0, metadata={"help": "BCR budget: how far the chosen log-likelihood may fall without penalty."}
+    )
+    bcr_per_token: bool = field(
+        default=False, metadata={"help": "BCR: divide the chosen log-likelihood drop by the completion length."}
+    )
+    pyfastpo_backend: str = field(
+        default="auto",
+        metadata={"help": "pyfastpo backend: 'auto', 'reference', 'triton', 'cuda' or 'cpp'."},
+    )
+    use_fused_linear: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the loss from the last hidden states and the lm_head weight "
+            "(pyfastpo.linear_preference_loss), never materializing the logits."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"loss_type {unknown} is unknown; choose from {sorted(LOSS_TYPES)}")
+        try:  # unknown, or not installed here: say how to get it now, not at step 1
+            check_backend_available(self.pyfastpo_backend)
+        except ValueError as err:
+            raise ValueError(f"pyfastpo_backend: {err}") from None
+        super().__post_init__()
+        check_loss_options(**loss_options(self))
+
+
+def loss_options(args) -> dict:
+    """``preference_loss`` keyword arguments from a (Fast)DPOConfig; plain DPOConfigs get
+    pyfastpo's defaults for the options they lack."""
+    defaults = FastDPOConfig.__dataclass_fields__
+    get = lambda name: getattr(args, name, defaults[name].default)  # noqa: E731
+    return dict(
+        loss_type=list(args.loss_type),
+        loss_weights=args.loss_weights,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        discopop_tau=args.discopop_tau,
+        focal_gamma=get("focal_gamma"),
+        focal_detach=get("focal_detach"),
+        simpo_gamma=get("simpo_gamma"),
+        dispersion_scale=get("dispersion_scale"),
+        bcr_weight=get("bcr_weight"),
+        bcr_budget=get("bcr_budget"),
+        bcr_per_token=get("bcr_per_token"),
+    )
+
+
+def check_supported(args) -> None:
+    """Raise ValueError for every DPOConfig option this trainer does not implement."""
+    problems = []
+    if args.use_liger_kernel:
+        problems.append(
+            "use_liger_kernel=True: FastDPOTrainer replaces the Liger DPO loss; its fused counterpart is "
+            "use_fused_linear=True (set use_liger_kernel=False)"
+        )
+    if args.ld_alpha is not None:
+        problems.append("ld_alpha (LD-DPO length desensitization) is not implemented; set ld_alpha=None")
+    if args.use_weighting:
+        problems.append("use_weighting=True (WPO weighting) is not implemented; set use_weighting=False")
+    if args.f_divergence_type != "reverse_kl":
+        problems.append(
+            f"f_divergence_type={args.f_divergence_type!r} is not implemented (only 'reverse_kl', standard DPO)"
+        )
+    if args.padding_free:
+        problems.append(
+            "padding_free=True is not supported (trl 1.13's DPOTrainer disables it as well); set padding_free=False"
+        )
+    if problems:
+        raise ValueError("FastDPOTrainer does not support: " + "; ".join(problems))

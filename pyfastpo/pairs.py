@@ -1,0 +1,102 @@
+"""Chosen/rejected pairs: from per-sequence statistics of the policy (and reference) to the
+preference loss. Shared by the logits path (:func:`pyfastpo.fused_preference_loss`) and
+the hidden-state path (:func:`pyfastpo.linear_preference_loss`), which differ only in how
+they get the statistics.
+
+Conventions: ``N`` sequences, rows ``[:N/2]`` the chosen completions and ``[N/2:]`` their
+rejected partners (pair ``i`` is rows ``i`` and ``N/2 + i``). Both paths return
+:class:`FusedPreferenceLossOutput` with the policy's full :class:`SequenceLogps`
+(log-probs, token counts, entropies, mean logits) and the reference's when it was
+streamed (None when reference log-probs were given precomputed, or reference-free).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .losses import PreferenceLossOutput, preference_loss
+from .losses.options import needs_reference_entropy
+from .losses.preference_loss import check_loss_kwargs
+from .sequence_logps import SequenceLogps
+
+REFERENCE_ENTROPIES = ("ref_chosen_entropy", "ref_rejected_entropy")
+"""Loss arguments filled in from a streamed reference (the Mallows losses' dispersion)."""
+
+
+class FusedPreferenceLossOutput(NamedTuple):
+    """:class:`PreferenceLossOutput`'s fields plus the per-sequence stats.
+
+    policy: :class:`SequenceLogps` of the policy, ``[N]`` each, entropy included.
+    reference: the same for the reference (None when reference log-probs were given
+        precomputed or training is reference-free).
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict
+    policy: SequenceLogps
+    reference: SequenceLogps | None
+
+
+def check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs: int, device: torch.device) -> None:
+    """Precomputed reference log-probs: both or neither, each a ``[num_pairs]`` tensor on ``device``."""
+    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    for name, value in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (num_pairs,):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{name} must be a tensor of shape [{num_pairs}] (one value per pair), got {got}")
+        if not value.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating tensor (log-probabilities), got {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but the logits are on {device}; move it with .to(device)")
+
+
+def check_pair_loss_arguments(
+    num_rows: int, device: torch.device, vocab_size: int, reference_streamed: bool,
+    ref_chosen_logps, ref_rejected_logps, loss_type, loss_kwargs: dict,
+) -> None:  # fmt: skip
+    """The loss-side arguments of both entry points, checked before any pass over the data:
+    precomputed reference log-probs and the loss options (``num_rows = N`` sequences)."""
+    check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_rows // 2, device)
+    check_loss_kwargs(
+        loss_type, loss_kwargs, num_pairs=num_rows // 2, device=device, vocab_size=vocab_size,
+        filled=REFERENCE_ENTROPIES if reference_streamed else (),
+    )  # fmt: skip
+
+
+def pair_loss_from_stats(
+    policy: SequenceLogps,
+    reference: SequenceLogps | None,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    vocab_size: int,
+    loss_type,
+    loss_kwargs: dict,
+) -> FusedPreferenceLossOutput:
+    """The preference loss from per-sequence stats ``[N]`` of the policy and (optionally)
+    the reference: splits chosen/rejected halves, fills token counts, reference
+    entropies and ``vocab_size`` in for the losses, adds TRL's ``logits/*`` metrics."""
+    loss_kwargs = dict(loss_kwargs)
+    if reference is not None:
+        ref_chosen_logps, ref_rejected_logps = reference.logps.chunk(2)
+        if reference.entropy is not None and needs_reference_entropy(loss_type):
+            loss_kwargs["ref_chosen_entropy"], loss_kwargs["ref_rejected_entropy"] = reference.entropy.chunk(2)
+    chosen_logps, rejected_logps = policy.logps.chunk(2)
+    chosen_tokens, rejected_tokens = policy.num_tokens.chunk(2)
+    # Computed here; the entry points refuse them as user arguments (check_loss_kwargs).
+    loss_kwargs.update(chosen_num_tokens=chosen_tokens, rejected_num_tokens=rejected_tokens, vocab_size=vocab_size)
+    out: PreferenceLossOutput = preference_loss(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_type, **loss_kwargs
+    )
+    metrics = dict(out.metrics)
+    for name, mean, count in zip(("chosen", "rejected"), policy.mean_logits.chunk(2), (chosen_tokens, rejected_tokens)):
+        # TRL's metric: the mean logit over all valid tokens of that half.
+        metrics[f"logits/{name}"] = (mean * count).sum() / count.sum().clamp_min(1)
+    return FusedPreferenceLossOutput(*out[:4], metrics, policy, reference)
