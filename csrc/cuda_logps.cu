@@ -8,10 +8,11 @@
 //
 // Forward: each thread keeps an online state {m, s, t, sum_x} (logps_math.h) in
 // registers, updated once per 4 16-byte vectors in flight (one re-base per step).
-// The hot pass works in base 2 (update2_k: one FFMA, one ex2.approx, three adds per
-// element, a packed max for 16-bit types); a row it cannot finish exactly (a
-// non-finite logit, |max| >= 2^24: fast_state_ok) is read again by the exact
-// natural-units pass, which also counts NaNs where the sum of logits is NaN.
+// The hot pass works in base 2 (update2_k: one FFMA, one ex2.approx, three adds and
+// a clamp per element, a packed max for 16-bit types); a row it cannot finish
+// exactly (a NaN or +inf logit, only -inf logits, |max| >= 2^24: fast_state_ok) is
+// read again by the exact natural-units pass, which also counts NaNs where the sum
+// of logits is NaN.
 // States are merged with __shfl_xor_sync inside a warp, then across warps through
 // shared memory. Reduction order is fixed for a given V, so results are
 // deterministic. Instruction counts of the inner loops (SASS, sm_90) are checked in
@@ -19,7 +20,7 @@
 // csrc/device_emulation.cpp and tested there.
 //
 // Rows stream in 16-byte vectors after peeling the few elements before their first
-// 16-byte boundary. Backward: -g p = g' 2^fma(x, log2e, -k) per element (FastGrad),
+// 16-byte boundary. Backward: -g p = g' 2^fma(x, log2e, -k_hi) per element (FastGrad),
 // read and written by the same thread, so out may alias logits (no __restrict__ /
 // __ldg on that path); an out-of-place output misaligned unlike the logits takes the
 // scalar kernel. The block size is a template argument (immediate load offsets);
@@ -262,9 +263,8 @@ __device__ int count_nans(const T* row, int64_t V, int* counter) {
 }
 
 // Forward: one block of THREADS per row. A fast pass in base-2 units (logps_math.h:
-// one FFMA, one ex2 and three adds per element); a row it cannot finish exactly
-// (a non-finite logit, |max| >= 2^24: fast_state_ok) is read again by the exact
-// natural-units pass, which also counts NaNs where the sum of logits is NaN.
+// update2_k); a row it cannot finish exactly (fast_state_ok) is read again by the
+// exact natural-units pass, which also counts NaNs where the sum of logits is NaN.
 template <typename T, int THREADS>
 __global__ void __launch_bounds__(THREADS, 1024 / THREADS)
 forward_kernel(const T* __restrict__ logits, int64_t T_len, int64_t V, int64_t stride_n, int64_t stride_t,
@@ -282,7 +282,7 @@ forward_kernel(const T* __restrict__ logits, int64_t T_len, int64_t V, int64_t s
       continue;
     }
     const T* row = logits + (r / T_len) * stride_n + (r % T_len) * stride_t;
-    State st = empty_state();
+    State st = fast_empty_state();
     stream_row<T, THREADS>(row, V, [&](const auto& x, float x_max) { update2_k(st, x, pfpo_max(st.m, x_max)); });
     st = block_reduce<true>(st, shared);
     if (threadIdx.x == 0) row_fast = fast_state_ok(st);

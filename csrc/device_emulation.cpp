@@ -1,18 +1,30 @@
 // pyfastpo: the CUDA kernels' per-row algorithm run on the host, for tests.
 //
 // No GPU runs in CI, so this file compiles the shared math header the way the
-// device sees it (PFPO_EMULATE_DEVICE: pfpo_exp is the device's device_exp,
-// ex2 with a flush to zero, not the host polynomial; pfpo_max is fmaxf) and replays cuda_logps.cu's forward for one row:
-// each of `threads` threads folds its strided 16-byte vectors with update_k
-// (then the scalar tail with update), lanes merge by the xor-shuffle tree of
-// warp_reduce, warps through the shared-memory step of block_reduce, thread 0
-// finalizes. The same algorithm and order of reduction, so the same special-value
-// behaviour; the same numbers only up to FMA contraction (nvcc fuses t + d*s and
-// c*s + e into FFMAs, the host build here does not) and the error of the GPU's
-// ex2.approx (~2 ulp; exp2f here): compare with a tolerance, never bit for bit.
-// Only the math is replayed, not which thread touches which element: the
-// in-place ownership of the backward is checked on a model of its schedule
+// device sees it (PFPO_EMULATE_DEVICE: pfpo_exp is the device's device_exp, ex2 with
+// a flush to zero, not the host polynomial; pfpo_max is fmaxf) and replays
+// cuda_logps.cu's forward for one float32 row: each of `threads` threads streams its
+// lead element, its groups of kUnroll 16-byte vectors, remaining vectors and tail
+// (stream_row) through the base-2 fast pass (update2_k); lanes merge by the
+// xor-shuffle tree of warp_reduce, warps through the shared-memory step of
+// block_reduce; a row the fast pass cannot finish is replayed through the exact pass
+// (update_k, merge, NaN count). The same algorithm and order of reduction, so the
+// same special-value behaviour; the same numbers only up to the error of the GPU's
+// ex2.approx (~2 ulp; exp2f here): compare with a tolerance, never bit for bit. Only
+// float32 is replayed: the 16-bit loads and the packed bf16x2/fp16x2 max are exact
+// (a max never rounds) and are covered by the GPU check. Which thread touches which
+// element is checked on a model of the backward's schedule
 // (tests/test_device_emulation.py::test_in_place_backward_schedule_is_race_free).
+//
+// No FMA contraction in this file: the base-2 pass needs m2 = rn(m log2e) rounded
+// on its own, as __fmul_rn gives on the device; a host compiler that fuses
+// `m * L - m_new * L` (GCC does wherever the target has FMA: aarch64, -march=native)
+// would replay different numbers. Explicit fmaf calls still fuse.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 //
 // The namespace is renamed: the header's inline functions differ from the
 // host build's (another pfpo_exp), and two definitions under one name would
@@ -112,7 +124,7 @@ std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t 
   if (threads < 32 || threads % 32 || threads > 1024) throw std::invalid_argument("threads: a multiple of 32 in [32, 1024]");
   const float* row = reinterpret_cast<const float*>(row_ptr);
   // The fast pass, in base 2.
-  std::vector<dev::State> st(threads, dev::empty_state());
+  std::vector<dev::State> st(threads, dev::fast_empty_state());
   stream_row(row_ptr, V, st, [](dev::State& s, const float* x, int n, float x_max) {
     if (n == 1) fast_add<1>(s, x, x_max);
     else if (n == 4) fast_add<4>(s, x, x_max);

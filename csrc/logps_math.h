@@ -226,13 +226,13 @@ PFPO_HD Stats finalize(State st) {
 // c being m2's rounding error, the same for every element of the row. The state
 // keeps s2 = sum 2^d2 and t2 = sum 2^d2 d2 (relative to m2), and at the end
 //   log s = ln2 (log2 s2 - c),   entropy = ln2 (log2 s2 - t2 / s2)   (c cancels).
-// The loop has no clamp, so it is exact only for a PLAIN row: every logit finite
-// and |max| < PFPO_FAST_MAX_ABS (then |c| <= ulp(m2)/2 <= 1). Any other row ends
-// with a non-finite s2 or t2 (a -inf logit gives 0 * -inf, a NaN propagates) or a
-// max out of range (+inf, -inf, huge), which fast_state_ok() tells; the kernels
-// then compute that row again with the exact natural-units path above (update,
-// merge, finalize, NaN count). Rows with -inf logits (a masked vocabulary) are
-// thus read twice in the forward; plain rows, the training case, once.
+// The one clamp is inside t's product (e * max(d2, PFPO_D2_MIN)), so -inf logits (a
+// masked vocabulary) add exactly 0. The pass is exact for a row whose max is finite
+// and below PFPO_FAST_MAX_ABS in size (then |c| <= ulp(m2)/2 <= 1) and which holds no
+// NaN. Any other row ends with a non-finite s2 (a NaN propagates) or a max out of
+// range (+inf, all -inf, huge), which fast_state_ok() tells; the kernels then compute
+// that row again with the exact natural-units path above (update, merge, finalize,
+// NaN count). Plain rows, masked ones included, are read once.
 constexpr float PFPO_FAST_MAX_ABS = 16777216.0f;  // 2^24
 constexpr float PFPO_LN2 = 0.693147180559945309f;
 // Shifts (base 2) below this give exactly 0: ex2's flush starts at -126.
@@ -248,11 +248,16 @@ PFPO_HD float scaled_max(float m) {
 #endif
 }
 
+// The fast pass's empty state: its max starts at -2^25, finite, so that m2 is never
+// -inf and d2 never the NaN of -inf - -inf (no select per step). A row whose logits
+// all lie below it (only -inf logits, say) keeps that max, out of the fast range:
+// fast_state_ok sends it to the exact pass, which finds its true max.
+PFPO_HD State fast_empty_state() { return State{-2.0f * PFPO_FAST_MAX_ABS, 0.0f, 0.0f, 0.0f, 0.0f}; }
+
 // Re-base a base-2 state from max m to m_new >= m. The clamp keeps the empty state
 // (m = -inf: d = -inf, or NaN when m_new is -inf too) at exactly 0, never 0 * -inf.
 PFPO_HD void rebase2(float& m, float& s, float& t, float m_new) {
-  float d = pfpo_max(scaled_max(m) - scaled_max(m_new), PFPO_D2_MIN);
-  d = (d == d) ? d : PFPO_D2_MIN;  // host pfpo_max keeps a NaN; fmaxf already drops it
+  const float d = pfpo_max(scaled_max(m) - scaled_max(m_new), PFPO_D2_MIN);  // fmaxf drops a NaN
   const float c = device_exp2(d);
   t = c * (t + d * s);
   s = c * s;
@@ -260,17 +265,17 @@ PFPO_HD void rebase2(float& m, float& s, float& t, float m_new) {
 }
 
 // Add K elements whose max (with st.m) is m_new: one re-base, then per element one
-// FFMA, one ex2 and three adds (s, t, sum_x). No clamp: see fast_state_ok.
+// FFMA, one ex2, three adds (s, t, sum_x) and the clamp of t's factor (-inf logits).
 template <int K>
 PFPO_HD void update2_k(State& st, const float (&x)[K], float m_new) {
   rebase2(st.m, st.s, st.t, m_new);
-  const float m2 = scaled_max(st.m);
+  const float m2 = scaled_max(st.m);  // finite: the pass starts from fast_empty_state
 PFPO_UNROLL
   for (int k = 0; k < K; ++k) {
     const float d2 = fmaf(x[k], PFPO_LOG2E, -m2);
     const float e = device_exp2(d2);
     st.s += e;
-    st.t = fmaf(e, d2, st.t);
+    st.t = fmaf(e, pfpo_max(d2, PFPO_D2_MIN), st.t);  // a -inf logit: e = 0, adds 0 (not 0 * -inf)
     st.sum_x += x[k];
   }
 }
@@ -297,11 +302,13 @@ PFPO_HD bool fast_state_ok(const State& st) {
   return fabsf(st.m) < PFPO_FAST_MAX_ABS && isfinite(st.s) && isfinite(st.t);
 }
 
-// log s and entropy of a plain row's base-2 state (fast_state_ok).
+// log s and entropy of a plain row's base-2 state (fast_state_ok). Both are >= 0 (the max
+// element alone contributes 1 to s); the max element's 2^c and log2(s2) - c round apart,
+// which could leave -1e-8 where a near-certain token has log s = 0 (logp would be > 0).
 PFPO_HD Stats finalize2(State st) {
   const float c = fmaf(st.m, PFPO_LOG2E, -scaled_max(st.m));
   const float l2 = log2f(st.s);
-  return Stats{(l2 - c) * PFPO_LN2, (l2 - st.t / st.s) * PFPO_LN2};
+  return Stats{pfpo_max(l2 - c, 0.0f) * PFPO_LN2, pfpo_max(l2 - st.t / st.s, 0.0f) * PFPO_LN2};
 }
 
 // The backward's per-element map in base 2: -g p = g' 2^fma(x, log2e, -k_hi). k_hi + k_lo
