@@ -60,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute on a CPU)")
     p.add_argument("--out", default="out/bench", help="directory for results.md, results.json and plots")
-    p.add_argument("--sizes", help="comma-separated NxTxV or NxTxVxH (H: the linear path's hidden width; "
-                   "default --hidden); default: a sweep per device, smaller with --quick")  # fmt: skip
+    p.add_argument("--sizes", nargs="+", metavar="NxTxV[xH]",
+                   help="sizes to run, comma- or space-separated, e.g. 8x256x32000 (H: the linear path's hidden "
+                   "width; default --hidden); default: a sweep per device, smaller with --quick")  # fmt: skip
     p.add_argument("--hidden", type=int, help="hidden width H of the linear path when a size gives none")
     p.add_argument("--dtype", choices=list(DTYPES), help="logits / hidden dtype (default: bfloat16 on cuda, "
                    "float32 on cpu)")  # fmt: skip
@@ -83,9 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     sizes, hidden, repeats, warmup = DEFAULTS[(args.device, args.quick)]
     args.hidden = args.hidden or hidden
     try:
-        args.size_list = parse_sizes(args.sizes or sizes, args.hidden)
+        args.size_list = parse_sizes(",".join(args.sizes) if args.sizes else sizes, args.hidden)
     except ValueError as err:
-        p.error(str(err))
+        p.error(f"--sizes: {err}")
     args.repeats = args.repeats or repeats
     args.warmup = warmup if args.warmup is None else args.warmup
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")

@@ -38,6 +38,16 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def cpp_isa() -> str:
+    """The instruction set the ``cpp`` backend's row kernels use here (avx512, avx2,
+    default): CPU timings of that backend depend on it."""
+    try:
+        from pyfastpo import _C
+    except ImportError as err:
+        return f"not built ({err})"
+    return _C.isa()
+
+
 def git_commit() -> str:
     """The checkout's commit (with "+ uncommitted changes" when the tracked tree differs), or "unknown"."""
     root = Path(pyfastpo.__file__).resolve().parent.parent
@@ -71,6 +81,7 @@ def describe(device: torch.device, argv: list[str] | None) -> dict:
         "triton": _version("triton"),
         "pyfastpo": pyfastpo.__version__,
         "python": platform.python_version(),
+        "cpp_isa": cpp_isa(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "command": command_line(argv),
