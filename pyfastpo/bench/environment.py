@@ -31,7 +31,9 @@ def device_name(device: torch.device) -> str:
     return f"CPU: {model}, {torch.get_num_threads()} torch threads"
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str) -> str:
+    """The installed version of distribution ``dist`` (its pip name, e.g. "liger-kernel"), or
+    "not installed". The one place the bench reads package metadata."""
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -78,7 +80,7 @@ def describe(device: torch.device, argv: list[str] | None) -> dict:
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": dist_version("triton"),
         "pyfastpo": pyfastpo.__version__,
         "python": platform.python_version(),
         "cpp_isa": cpp_isa(),
