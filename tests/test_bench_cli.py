@@ -130,6 +130,16 @@ def test_bad_sizes_are_rejected(capsys, sizes, message):
     assert "pyfastpo-bench: error:" in err and message in err, err
 
 
+def test_default_out_is_named_like_the_results():
+    """Without --out a run writes to out/bench/<device>-<YYYY-MM-DD>, the naming of benchmarks/results/."""
+    import datetime
+
+    assert cli.default_out("cuda", datetime.date(2026, 11, 25)).as_posix() == "out/bench/cuda-2026-11-25"
+    args = cli.parse_args(["--device", "cpu"])
+    assert args.out == f"out/bench/cpu-{datetime.date.today().isoformat()}"
+    assert cli.parse_args(["--device", "cpu", "--out", "x/y"]).out == "x/y"
+
+
 def test_explicit_sizes_run_side_by_side(tmp_path):
     """``--sizes`` runs exactly the sizes given (space-separated here), each with pyfastpo's
     backends next to the plain float32 log_softmax + gather."""
