@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import pyfastpo
+from pyfastpo.backends import cpp_backend
 
 
 def device_name(device: torch.device) -> str:
@@ -43,11 +44,9 @@ def dist_version(dist: str) -> str:
 def cpp_isa() -> str:
     """The instruction set the ``cpp`` backend's row kernels use here (avx512, avx2,
     default): CPU timings of that backend depend on it."""
-    try:
-        from pyfastpo import _C
-    except ImportError as err:
-        return f"not built ({err})"
-    return _C.isa()
+    # The extension as the backend loaded it (the backend knows where it lives and why it may be missing).
+    reason = cpp_backend.unavailable_reason(torch.device("cpu"))
+    return cpp_backend._C.isa() if reason is None else f"unavailable ({reason})"
 
 
 def git_commit() -> str:
