@@ -91,10 +91,72 @@ def test_missing_and_unselected_contenders_are_skipped_with_a_reason(bench_run):
     assert "--include-interpreted" in skipped["pyfastpo[triton]"]
 
 
-def test_bad_sizes_are_rejected(capsys):
-    with pytest.raises(SystemExit):
-        cli.parse_args(["--device", "cpu", "--sizes", "3x8x16"])
-    assert "N even" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "sizes, expected",
+    [
+        (["8x256x32000"], ["8x256x32000x512"]),
+        (["8x256x32000,4x128x128256x64"], ["8x256x32000x512", "4x128x128256x64"]),
+        (["8x256x32000", "4x128x32000"], ["8x256x32000x512", "4x128x32000x512"]),  # space-separated
+        (["8x256x32000,", "4x128x32000"], ["8x256x32000x512", "4x128x32000x512"]),  # "A, B" unquoted
+        (["2x8x64 2x8x128"], ["2x8x64x512", "2x8x128x512"]),  # one quoted, space-separated argument
+    ],
+)  # fmt: skip
+def test_sizes_are_parsed(sizes, expected):
+    args = cli.parse_args(["--device", "cpu", "--hidden", "512", "--sizes", *sizes])
+    assert [s.label("linear") for s in args.size_list] == expected
+
+
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (["8x256"], "'8x256' is not NxTxV or NxTxVxH"),
+        (["8x256x32000x512x2"], "is not NxTxV or NxTxVxH"),
+        (["8x256xV"], "is not NxTxV or NxTxVxH"),
+        (["-8x256x32000"], "expected at least one argument"),  # argparse: an option, not a value
+        (["0x1x2"], "'0x1x2': every dimension must be at least 1"),
+        (["2x0x2"], "every dimension must be at least 1"),
+        (["2x8x64x0"], "every dimension must be at least 1"),
+        (["3x8x16"], "'3x8x16': N must be even"),
+        (["4x8x16,3x8x16"], "'3x8x16': N must be even"),
+        ([","], "--sizes: no size given"),
+        ([], "expected at least one argument"),
+    ],
+)  # fmt: skip
+def test_bad_sizes_are_rejected(capsys, sizes, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--device", "cpu", "--sizes", *sizes])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert "pyfastpo-bench: error:" in err and message in err, err
+
+
+def test_default_out_is_named_like_the_results():
+    """Without --out a run writes to out/bench/<device>-<YYYY-MM-DD>, the naming of benchmarks/results/."""
+    import datetime
+
+    assert cli.default_out("cuda", datetime.date(2026, 11, 25)).as_posix() == "out/bench/cuda-2026-11-25"
+    args = cli.parse_args(["--device", "cpu"])
+    assert args.out == f"out/bench/cpu-{datetime.date.today().isoformat()}"
+    assert cli.parse_args(["--device", "cpu", "--out", "x/y"]).out == "x/y"
+
+
+def test_explicit_sizes_run_side_by_side(tmp_path):
+    """``--sizes`` runs exactly the sizes given (space-separated here), each with pyfastpo's
+    backends next to the plain float32 log_softmax + gather."""
+    out = tmp_path / "bench"
+    code = cli.main(["--device", "cpu", "--quick", "--sizes", "2x8x64", "4x8x128", "--path", "logits",
+                     "--repeats", "1", "--warmup", "0", "--baselines", "logsoftmax", "--no-progress",
+                     "--out", str(out)])  # fmt: skip
+    data = json.loads((out / "results.json").read_text())
+    assert code == 0
+    assert data["meta"]["sizes"] == ["2x8x64x128", "4x8x128x128"]  # --quick's H, as the linear path labels them
+    runs = {(r["contender"], r["size"]) for r in data["rows"]}
+    for size in ("2x8x64", "4x8x128"):
+        for name in ("pyfastpo[reference]", "pyfastpo[cpp]", "log_softmax+gather"):
+            assert (name, size) in runs, f"no row for {name} at {size}"
+    assert {r["size"] for r in data["rows"]} == {"2x8x64", "4x8x128"}
+    assert all(r["status"] == "ok" and r["passed"] for r in data["rows"])
+    assert f"row kernels: {data['meta']['cpp_isa']} instructions" in (out / "results.md").read_text()
 
 
 def test_module_entry_point():

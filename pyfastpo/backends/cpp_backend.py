@@ -26,6 +26,12 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def isa() -> str:
+    """The vector instruction set the C++ kernels dispatch to here (``avx512``, ``avx2``
+    or ``default``); the extension must be built (:func:`unavailable_reason` is None)."""
+    return _C.isa()
+
+
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
     """Per-token stats.
 

@@ -2,13 +2,14 @@
 
 For each path (logits, linear), size and contender: one first call checked
 against ``reference``, timed runs (fwd, bwd, fwd+bwd), one peak-memory run.
-Writes ``results.md``, ``results.json`` and plots to ``--out``; prints the
-markdown tables at the end.
+Writes ``results.md``, ``results.json`` and plots to ``--out`` (default
+``out/bench/<device>-<YYYY-MM-DD>/``); prints the markdown tables at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import importlib
 import os
@@ -36,6 +37,15 @@ BENCH_EXTRA = "bench"
 EXTRA_MODULES = ("tqdm", "matplotlib")  # the progress bar (run); the PNG plots (report.plots)
 
 
+OUT_ROOT = Path("out/bench")
+
+
+def default_out(device: str, date: datetime.date | None = None) -> Path:
+    """``OUT_ROOT/<device>-<YYYY-MM-DD>``: the ``<what>-<date>/`` naming of
+    benchmarks/results/, so a run's folder can be committed there as it is."""
+    return OUT_ROOT / f"{device}-{(date or datetime.date.today()).isoformat()}"
+
+
 def missing_extra() -> str | None:
     """None when every module of the ``bench`` extra imports, else a one-line error naming the extra."""
     missing, first_error = [], None
@@ -59,9 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute on a CPU)")
-    p.add_argument("--out", default="out/bench", help="directory for results.md, results.json and plots")
-    p.add_argument("--sizes", help="comma-separated NxTxV or NxTxVxH (H: the linear path's hidden width; "
-                   "default --hidden); default: a sweep per device, smaller with --quick")  # fmt: skip
+    p.add_argument("--out", help="directory for results.md, results.json and plots "
+                   f"(default: {OUT_ROOT}/<device>-<YYYY-MM-DD>)")  # fmt: skip
+    p.add_argument("--sizes", nargs="+", metavar="NxTxV[xH]",
+                   help="sizes to run, comma- or space-separated, e.g. 8x256x32000 (H: the linear path's hidden "
+                   "width; default --hidden); default: a sweep per device, smaller with --quick")  # fmt: skip
     p.add_argument("--hidden", type=int, help="hidden width H of the linear path when a size gives none")
     p.add_argument("--dtype", choices=list(DTYPES), help="logits / hidden dtype (default: bfloat16 on cuda, "
                    "float32 on cpu)")  # fmt: skip
@@ -80,12 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
+    args.out = args.out or str(default_out(args.device))
     sizes, hidden, repeats, warmup = DEFAULTS[(args.device, args.quick)]
     args.hidden = args.hidden or hidden
     try:
-        args.size_list = parse_sizes(args.sizes or sizes, args.hidden)
+        args.size_list = parse_sizes(",".join(args.sizes) if args.sizes else sizes, args.hidden)
     except ValueError as err:
-        p.error(str(err))
+        p.error(f"--sizes: {err}")
     args.repeats = args.repeats or repeats
     args.warmup = warmup if args.warmup is None else args.warmup
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")

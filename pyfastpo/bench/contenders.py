@@ -31,6 +31,7 @@ from pyfastpo.sequence_logps import sequence_logps
 from pyfastpo.version import __version__
 
 from .data import IGNORE, trl_way_logps
+from .environment import dist_version
 
 BETA = 0.1
 
@@ -201,7 +202,7 @@ def _build_liger(device, dtype, options):
         loss, aux = loss_fn(weight, hidden, labels)  # note Liger's argument order: (lin_weight, _input, target)
         return loss, torch.cat([aux[0], aux[1]])  # policy chosen / rejected summed logps
 
-    return op, f"liger-kernel {_version('liger-kernel')} LigerFusedLinearDPOLoss(use_ref_model=False)"
+    return op, f"liger-kernel {dist_version('liger-kernel')} LigerFusedLinearDPOLoss(use_ref_model=False)"
 
 
 def _build_cce(device, dtype, options):
@@ -218,17 +219,8 @@ def _build_cce(device, dtype, options):
         logps = -(nll @ nll.new_ones(nll.shape[-1]))
         return preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
 
-    return op, (f"cut-cross-entropy {_version('cut-cross-entropy')} linear_cross_entropy(reduction='none'), "
+    return op, (f"cut-cross-entropy {dist_version('cut-cross-entropy')} linear_cross_entropy(reduction='none'), "
                 "then pyfastpo.preference_loss")  # fmt: skip
-
-
-def _version(dist: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(dist)
-    except Exception:
-        return "?"
 
 
 def first_line(err: BaseException) -> str:

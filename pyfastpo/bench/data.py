@@ -32,20 +32,22 @@ class Size:
 
 
 def parse_sizes(text: str, default_h: int) -> list[Size]:
-    """``"NxTxV[xH],..."`` to sizes; H defaults to ``default_h``. N must be even
-    (chosen rows first, then their rejected partners)."""
+    """``"NxTxV[xH],..."`` (comma- or space-separated) to sizes; H defaults to
+    ``default_h``. N must be even (chosen rows first, then their rejected partners)."""
     sizes = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for item in filter(None, re.split(r"[,\s]+", text)):
         if not re.fullmatch(r"\d+(x\d+){2,3}", item):
             raise ValueError(f"size {item!r} is not NxTxV or NxTxVxH (e.g. 4x128x32000 or 4x128x32000x512)")
         parts = [int(p) for p in item.split("x")]
         n, t, v = parts[:3]
         h = parts[3] if len(parts) == 4 else default_h
-        if min(n, t, v, h) < 1 or n % 2:
-            raise ValueError(f"size {item!r}: every dimension must be positive and N even (pairs)")
+        if min(n, t, v, h) < 1:
+            raise ValueError(f"size {item!r}: every dimension must be at least 1")
+        if n % 2:
+            raise ValueError(f"size {item!r}: N must be even (the rows are chosen/rejected pairs)")
         sizes.append(Size(n, t, v, h))
     if not sizes:
-        raise ValueError("--sizes is empty")
+        raise ValueError("no size given")
     return sizes
 
 

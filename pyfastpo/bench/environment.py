@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pyfastpo.backends import cpp_backend
 from pyfastpo.version import __version__
-
 
 
 def device_name(device: torch.device) -> str:
@@ -32,11 +32,20 @@ def device_name(device: torch.device) -> str:
     return f"CPU: {model}, {torch.get_num_threads()} torch threads"
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str) -> str:
+    """The installed version of distribution ``dist`` (its pip name, e.g. "liger-kernel"), or
+    "not installed". The one place the bench reads package metadata."""
     try:
         return version(dist)
     except PackageNotFoundError:
         return "not installed"
+
+
+def cpp_isa() -> str:
+    """The instruction set the ``cpp`` backend's row kernels use here (avx512, avx2,
+    default): CPU timings of that backend depend on it."""
+    reason = cpp_backend.unavailable_reason(torch.device("cpu"))
+    return cpp_backend.isa() if reason is None else f"unavailable ({reason})"
 
 
 def git_commit() -> str:
@@ -69,9 +78,10 @@ def describe(device: torch.device, argv: list[str] | None) -> dict:
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": dist_version("triton"),
         "pyfastpo": __version__,
         "python": platform.python_version(),
+        "cpp_isa": cpp_isa(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "command": command_line(argv),

@@ -70,6 +70,7 @@ def markdown(meta: dict, rows: list[dict], skipped: list[dict], plots: list[str]
         "(plus one first call for the correctness check)",
     ]
     if meta.get("device_type") == "cpu":
+        out.append(f"- `cpp` backend's row kernels: {meta.get('cpp_isa', 'unknown')} instructions")
         out.append(f"- CPU load average (1 min) at the start: {meta['load_average']:.2f}; "
                    f"OMP_WAIT_POLICY={meta['omp_wait_policy']} (on a CPU shared with other work, spinning "
                    "OpenMP threads stall each other; `passive` keeps timings stable)")  # fmt: skip
