@@ -12,25 +12,8 @@
 // kernels are compiled three times (default, avx2+fma, avx512) through GCC
 // target attributes and picked at run time with __builtin_cpu_supports.
 //
-// Vectorization check (g++ 12.2, -O3 -fopenmp -fno-trapping-math
-// -fopt-info-vec-optimized, and objdump of the fwd_row_* / bwd_row_* symbols):
-// in all three variants (16-, 32- and 64-byte vectors) GCC reports "loop
-// vectorized" for the lane re-base loop, the lane exp-accumulate pass, the
-// backward gradient loop, and the bf16 / fp16 load and store conversions; the
-// lane max / sum pass (pass 1) is NOT vectorized: GCC 12 keeps its 16-way
-// reductions scalar (16 vcmpless + vaddss per step in the disassembly); a
-// rewrite with GCC vector types vectorized it but measured no faster, 12.5 ms
-// either way single-threaded on 2x256x32000 with AVX-512 (the exp pass
-// dominates), so the plain loop stays. Needed for the rest: (1) the
-// reductions written as 16 explicit lanes, since without -ffast-math GCC may
-// not reassociate a float sum or max; (2)
-// -fno-trapping-math (setup.py): under the default -ftrapping-math GCC turns
-// the selects of the polynomial exp into branches ("control flow in loop")
-// and vectorizes nothing. That flag changes no computed value (only FP
-// exception-flag semantics); -ffast-math is not used.
-// Measured (8 x 256 x 32000 float32, 2 EPYC cores): forward 80 / 32 / 19 ms and
-// backward 50 / 24 / 17 ms for default / avx2 / avx512 (a plain copy of the
-// logits takes 15 ms).
+// Which loops GCC vectorizes, the flags that need, and the measured speed of the
+// three ISA variants: docs/cpu_kernels.md.
 
 #include "cpu_logps.h"
 
@@ -84,10 +67,10 @@ PFPO_INLINE void store_block(const float* buf, int64_t n, typename Elem<DT>::T* 
 // Online state of one row, 16 lanes at a time.
 template <int DT>
 PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V) {
-  float lm[L], ls[L], lt[L], lx[L];
+  float lm[L], ls[L], lu[L], lx[L];
   for (int j = 0; j < L; ++j) {
     lm[j] = -INFINITY;
-    ls[j] = lt[j] = lx[j] = 0.0f;
+    ls[j] = lu[j] = lx[j] = 0.0f;
   }
   alignas(64) float buf[BLOCK];
   for (int64_t b = 0; b < V; b += BLOCK) {
@@ -110,20 +93,20 @@ PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V) {
         bm[j] = pfpo_max(bm[j], x[i + j]);
         lx[j] += x[i + j];
       }
-    for (int j = 0; j < L; ++j) rebase(lm[j], ls[j], lt[j], bm[j]);
+    for (int j = 0; j < L; ++j) rebase(lm[j], ls[j], lu[j], bm[j]);
     for (int64_t i = 0; i < nfull; i += L)
-      for (int j = 0; j < L; ++j) accumulate_at_max(lm[j], ls[j], lt[j], x[i + j]);
+      for (int j = 0; j < L; ++j) accumulate_at_max(lm[j], ls[j], lu[j], x[i + j]);
     // Fewer than L elements left (last block only): general updates, one per lane.
     for (int64_t k = 0; k < nb - nfull; ++k) {
       const float v = x[nfull + k];
-      rebase(lm[k], ls[k], lt[k], pfpo_max(lm[k], v));
-      accumulate_at_max(lm[k], ls[k], lt[k], v);
+      rebase(lm[k], ls[k], lu[k], pfpo_max(lm[k], v));
+      accumulate_at_max(lm[k], ls[k], lu[k], v);
       lx[k] += v;
     }
   }
   // Pairwise tree merge of the lanes (fixed order: deterministic).
   State st[L];
-  for (int j = 0; j < L; ++j) st[j] = State{lm[j], ls[j], lt[j], lx[j], 0.0f};
+  for (int j = 0; j < L; ++j) st[j] = State{lm[j], ls[j], lu[j], lx[j], 0.0f};
   for (int w = L / 2; w > 0; w /= 2)
     for (int j = 0; j < w; ++j) st[j] = merge(st[j], st[j + w]);
   // NaNs are counted off the hot loop: a NaN logit always makes sum_x NaN, so

@@ -6,7 +6,7 @@
 // GPU. (A warp per row would only pay off for V below a few thousand, which is
 // not this library's case; small V stays correct, just not tuned.)
 //
-// Forward: each thread keeps an online state {m, s, t, sum_x} (logps_math.h) in
+// Forward: each thread keeps an online state {m, s, u, sum_x} (logps_math.h) in
 // registers, updated once per 4 16-byte vectors in flight (one re-base per step).
 // The hot pass works in base 2 (update2_k: one FFMA, one ex2.approx, three adds and
 // a clamp per element, a packed max for 16-bit types); a row it cannot finish
@@ -87,7 +87,7 @@ __device__ __forceinline__ State shfl_merge(State a, int offset) {
   State b;
   b.m = __shfl_xor_sync(0xffffffffu, a.m, offset);
   b.s = __shfl_xor_sync(0xffffffffu, a.s, offset);
-  b.t = __shfl_xor_sync(0xffffffffu, a.t, offset);
+  b.u = __shfl_xor_sync(0xffffffffu, a.u, offset);
   b.sum_x = __shfl_xor_sync(0xffffffffu, a.sum_x, offset);
   b.nan = __shfl_xor_sync(0xffffffffu, a.nan, offset);
   return merge_any<BASE2>(a, b);

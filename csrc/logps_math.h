@@ -3,7 +3,7 @@
 //
 // For one token row x[0..V) with target y:
 //   m = max x,  s = sum exp(x - m),  logp = (x_y - m) - log s,
-//   entropy = lse - sum p x = log s - t / s   with  t = sum exp(x - m) * (x - m),
+//   entropy = lse - sum p x = log s - u / s   with  u = sum exp(x - m) * (x - m),
 //   sum_x = sum x,   d logp / d x_v = [v == y] - exp((x_v - m) - log s).
 //
 // m and log s are kept APART (never lse = m + log s): at logits of size 1e6 the
@@ -11,10 +11,10 @@
 // at 1e30 it loses log s entirely. x - m is exact to the rounding of the inputs,
 // so logp and the softmax keep the precision of torch's log_softmax at any offset.
 //
-// t is accumulated RELATIVE to the running max (x - m, not x): the textbook
+// u is accumulated RELATIVE to the running max (x - m, not x): the textbook
 // form lse - (sum exp(x-m) x)/s subtracts two numbers of size |x| and loses
 // all digits of the entropy for large logits (1e4 -> ~1e-3 absolute error);
-// the shifted form is exact to float32 rounding of log s and t/s.
+// the shifted form is exact to float32 rounding of log s and u/s.
 //
 // Special values, without branches: a shift d = x - m is clamped to
 // [PFPO_D_MIN, +inf) before exp, so -inf logits (masked vocabulary entries)
@@ -144,11 +144,11 @@ PFPO_HD float pfpo_exp(float x) {
 
 // ---------------------------------------------------------------- online state
 // A partial reduction of a row: m = running max, s = sum exp(x - m),
-// t = sum exp(x - m) * (x - m), sum_x = sum x, nan = number of NaN elements
+// u = sum exp(x - m) * (x - m), sum_x = sum x, nan = number of NaN elements
 // (counted off the hot loops: only a row whose sum_x is NaN is read again).
 // Empty state: {-inf, 0, 0, 0, 0}.
 struct State {
-  float m, s, t, sum_x, nan;
+  float m, s, u, sum_x, nan;
 };
 
 PFPO_HD State empty_state() { return State{-INFINITY, 0.0f, 0.0f, 0.0f, 0.0f}; }
@@ -157,27 +157,27 @@ PFPO_HD State empty_state() { return State{-INFINITY, 0.0f, 0.0f, 0.0f, 0.0f}; }
 PFPO_HD float is_nan(float x) { return (x != x) ? 1.0f : 0.0f; }
 
 // Re-base a state from its max to a larger max m_new (in place).
-PFPO_HD void rebase(float& m, float& s, float& t, float m_new) {
+PFPO_HD void rebase(float& m, float& s, float& u, float m_new) {
   float d = clamp_shift(m - m_new);
   float c = pfpo_exp(d);
-  // sum e^(x-m_new)(x-m_new) = c * sum e^(x-m)((x-m) + d) = c * (t + d s)
-  t = c * (t + d * s);
+  // sum e^(x-m_new)(x-m_new) = c * sum e^(x-m)((x-m) + d) = c * (u + d s)
+  u = c * (u + d * s);
   s = c * s;
   m = m_new;
 }
 
 // Add one element x to a state whose max m already satisfies m >= x.
-PFPO_HD void accumulate_at_max(float m, float& s, float& t, float x) {
+PFPO_HD void accumulate_at_max(float m, float& s, float& u, float x) {
   float d = clamp_shift(x - m);
   float e = pfpo_exp(d);
   s += e;
-  t += e * d;
+  u += e * d;
 }
 
 // Add one element x (general online update: one or two exps).
 PFPO_HD void update(State& st, float x) {
-  rebase(st.m, st.s, st.t, pfpo_max(st.m, x));
-  accumulate_at_max(st.m, st.s, st.t, x);
+  rebase(st.m, st.s, st.u, pfpo_max(st.m, x));
+  accumulate_at_max(st.m, st.s, st.u, x);
   st.sum_x += x;
 }
 
@@ -187,10 +187,10 @@ PFPO_HD void update_k(State& st, const float (&x)[K]) {
   float m_new = st.m;
 PFPO_UNROLL
   for (int k = 0; k < K; ++k) m_new = pfpo_max(m_new, x[k]);
-  rebase(st.m, st.s, st.t, m_new);
+  rebase(st.m, st.s, st.u, m_new);
 PFPO_UNROLL
   for (int k = 0; k < K; ++k) {
-    accumulate_at_max(st.m, st.s, st.t, x[k]);
+    accumulate_at_max(st.m, st.s, st.u, x[k]);
     st.sum_x += x[k];
   }
 }
@@ -198,22 +198,22 @@ PFPO_UNROLL
 // Combine two partial states (lanes of a CPU vector, GPU threads / warps).
 PFPO_HD State merge(State a, State b) {
   float m = pfpo_max(a.m, b.m);
-  rebase(a.m, a.s, a.t, m);
-  rebase(b.m, b.s, b.t, m);
-  return State{m, a.s + b.s, a.t + b.t, a.sum_x + b.sum_x, a.nan + b.nan};
+  rebase(a.m, a.s, a.u, m);
+  rebase(b.m, b.s, b.u, m);
+  return State{m, a.s + b.s, a.u + b.u, a.sum_x + b.sum_x, a.nan + b.nan};
 }
 
 struct Stats {
   float log_s, entropy;
 };
 
-// log s and entropy = log s - t / s (nats), once per row, off the hot loop.
+// log s and entropy = log s - u / s (nats), once per row, off the hot loop.
 // An undefined row (a NaN logit, counted in nan; a +inf logit, m = +inf, which
 // the max finds exactly when no NaN is present; or every logit -inf, m = -inf)
 // gets log s = entropy = NaN, so logp = (x_y - m) - log s is NaN.
 PFPO_HD Stats finalize(State st) {
   float log_s = logf(st.s);
-  Stats r{log_s, log_s - st.t / st.s};
+  Stats r{log_s, log_s - st.u / st.s};
   const bool defined = (st.nan == 0.0f) && (st.m > -INFINITY) && (st.m < INFINITY);
   if (!defined) r.log_s = r.entropy = NAN;
   return r;
@@ -224,9 +224,9 @@ PFPO_HD Stats finalize(State st) {
 // to log2 are ONE FFMA per element (instead of a subtract, a clamp and a multiply):
 //   m2 = rn(m log2e),   d2 = fma(x, log2e, -m2) = (x - m) log2e + c,   c = fma(m, log2e, -m2),
 // c being m2's rounding error, the same for every element of the row. The state
-// keeps s2 = sum 2^d2 and t2 = sum 2^d2 d2 (relative to m2), and at the end
-//   log s = ln2 (log2 s2 - c),   entropy = ln2 (log2 s2 - t2 / s2)   (c cancels).
-// The one clamp is inside t's product (e * max(d2, PFPO_D2_MIN)), so -inf logits (a
+// keeps s2 = sum 2^d2 and u2 = sum 2^d2 d2 (relative to m2), and at the end
+//   log s = ln2 (log2 s2 - c),   entropy = ln2 (log2 s2 - u2 / s2)   (c cancels).
+// The one clamp is inside u's product (e * max(d2, PFPO_D2_MIN)), so -inf logits (a
 // masked vocabulary) add exactly 0. The pass is exact for a row whose max is finite
 // and below PFPO_FAST_MAX_ABS in size (then |c| <= ulp(m2)/2 <= 1) and which holds no
 // NaN. Any other row ends with a non-finite s2 (a NaN propagates) or a max out of
@@ -256,26 +256,26 @@ PFPO_HD State fast_empty_state() { return State{-2.0f * PFPO_FAST_MAX_ABS, 0.0f,
 
 // Re-base a base-2 state from max m to m_new >= m. The clamp keeps the empty state
 // (m = -inf: d = -inf, or NaN when m_new is -inf too) at exactly 0, never 0 * -inf.
-PFPO_HD void rebase2(float& m, float& s, float& t, float m_new) {
+PFPO_HD void rebase2(float& m, float& s, float& u, float m_new) {
   const float d = pfpo_max(scaled_max(m) - scaled_max(m_new), PFPO_D2_MIN);  // fmaxf drops a NaN
   const float c = device_exp2(d);
-  t = c * (t + d * s);
+  u = c * (u + d * s);
   s = c * s;
   m = m_new;
 }
 
 // Add K elements whose max (with st.m) is m_new: one re-base, then per element one
-// FFMA, one ex2, three adds (s, t, sum_x) and the clamp of t's factor (-inf logits).
+// FFMA, one ex2, three adds (s, u, sum_x) and the clamp of u's factor (-inf logits).
 template <int K>
 PFPO_HD void update2_k(State& st, const float (&x)[K], float m_new) {
-  rebase2(st.m, st.s, st.t, m_new);
+  rebase2(st.m, st.s, st.u, m_new);
   const float m2 = scaled_max(st.m);  // finite: the pass starts from fast_empty_state
 PFPO_UNROLL
   for (int k = 0; k < K; ++k) {
     const float d2 = fmaf(x[k], PFPO_LOG2E, -m2);
     const float e = device_exp2(d2);
     st.s += e;
-    st.t = fmaf(e, pfpo_max(d2, PFPO_D2_MIN), st.t);  // a -inf logit: e = 0, adds 0 (not 0 * -inf)
+    st.u = fmaf(e, pfpo_max(d2, PFPO_D2_MIN), st.u);  // a -inf logit: e = 0, adds 0 (not 0 * -inf)
     st.sum_x += x[k];
   }
 }
@@ -291,15 +291,15 @@ PFPO_UNROLL
 
 PFPO_HD State merge2(State a, State b) {
   const float m = pfpo_max(a.m, b.m);
-  rebase2(a.m, a.s, a.t, m);
-  rebase2(b.m, b.s, b.t, m);
-  return State{m, a.s + b.s, a.t + b.t, a.sum_x + b.sum_x, 0.0f};
+  rebase2(a.m, a.s, a.u, m);
+  rebase2(b.m, b.s, b.u, m);
+  return State{m, a.s + b.s, a.u + b.u, a.sum_x + b.sum_x, 0.0f};
 }
 
 // Whether a whole row's base-2 state is exact (a plain row), else the row must be
 // computed again by the natural-units path.
 PFPO_HD bool fast_state_ok(const State& st) {
-  return fabsf(st.m) < PFPO_FAST_MAX_ABS && isfinite(st.s) && isfinite(st.t);
+  return fabsf(st.m) < PFPO_FAST_MAX_ABS && isfinite(st.s) && isfinite(st.u);
 }
 
 // log s and entropy of a plain row's base-2 state (fast_state_ok). Both are >= 0 (the max
@@ -308,7 +308,7 @@ PFPO_HD bool fast_state_ok(const State& st) {
 PFPO_HD Stats finalize2(State st) {
   const float c = fmaf(st.m, PFPO_LOG2E, -scaled_max(st.m));
   const float l2 = log2f(st.s);
-  return Stats{pfpo_max(l2 - c, 0.0f) * PFPO_LN2, pfpo_max(l2 - st.t / st.s, 0.0f) * PFPO_LN2};
+  return Stats{pfpo_max(l2 - c, 0.0f) * PFPO_LN2, pfpo_max(l2 - st.u / st.s, 0.0f) * PFPO_LN2};
 }
 
 // The backward's per-element map in base 2: -g p = g' 2^fma(x, log2e, -k_hi). k_hi + k_lo

@@ -15,10 +15,11 @@ from .fused import fused_preference_loss
 from .linear import linear_preference_loss, linear_sequence_logps
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
 from .pairs import FusedPreferenceLossOutput
-from .sequence_logps import SequenceLogps, sequence_logps
+from .sequence_logps import IGNORE_INDEX, SequenceLogps, sequence_logps
 from .version import __version__
 
 __all__ = [
+    "IGNORE_INDEX",
     "LOSS_TYPES",
     "FusedPreferenceLossOutput",
     "PreferenceLossOutput",

@@ -6,7 +6,7 @@ import torch
 
 from .backends import get_backend
 from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, pair_loss_from_stats
-from .sequence_logps import sequence_logps
+from .sequence_logps import IGNORE_INDEX, sequence_logps
 from .validation import check_logits_labels, check_pairs, check_reference_input
 
 
@@ -18,7 +18,7 @@ def fused_preference_loss(
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
     loss_type="sigmoid",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     inplace_backward: bool = True,
     **loss_kwargs,

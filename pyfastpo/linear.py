@@ -23,7 +23,7 @@ import torch
 
 from .backends import TokenStats, get_backend
 from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, pair_loss_from_stats
-from .sequence_logps import SequenceLogps, first_order_only, reduce_tokens
+from .sequence_logps import IGNORE_INDEX, SequenceLogps, first_order_only, reduce_tokens
 from .validation import (
     FLOAT_DTYPES,
     check_labels,
@@ -180,7 +180,7 @@ def linear_sequence_logps(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     backend: str = "auto",
     chunk_tokens: int | None = None,
@@ -224,7 +224,7 @@ def linear_preference_loss(
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
     loss_type="sigmoid",
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     chunk_tokens: int | None = None,
     memory_budget_bytes: int | None = None,

@@ -15,6 +15,10 @@ import torch
 from .backends import TokenStats, get_backend
 from .validation import check_flags, check_logits_labels
 
+IGNORE_INDEX = -100
+"""The default label of tokens that do not count (prompt, padding), as in torch's
+cross_entropy, transformers and TRL."""
+
 
 class SequenceLogps(NamedTuple):
     """Per-sequence results of :func:`sequence_logps`, each ``[N]``.
@@ -118,7 +122,7 @@ def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     return_entropy: bool = False,
     backend: str = "auto",
     inplace_backward: bool = True,

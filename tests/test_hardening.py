@@ -373,10 +373,12 @@ def test_nan_dispersion_is_refused():
 def test_option_defaults_match_preference_loss_signature():
     import inspect
 
-    from pyfastpo.losses.options import OPTION_DEFAULTS
+    from pyfastpo.losses.options import SCALAR_DEFAULTS
 
     params = inspect.signature(pyfastpo.preference_loss).parameters
-    assert {k: params[k].default for k in OPTION_DEFAULTS} == OPTION_DEFAULTS
+    assert {k: params[k].default for k in SCALAR_DEFAULTS} == SCALAR_DEFAULTS
+    with pytest.raises(TypeError, match="unknown loss options"):
+        pyfastpo.losses.check_loss_options("sigmoid", betta=0.1)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .base import TokenStats
-from .native import NUM_STATS, backward_args, forward_args, load_extension
+from .native import load_extension, run_backward, run_forward
 
 _C, _IMPORT_ERROR = load_extension("_C")
 
@@ -33,39 +33,11 @@ def isa() -> str:
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
-    """Per-token stats.
-
-    Args:
-        logits: ``[N, T, V]`` float32 / bfloat16 / float16 on CPU, ``stride(-1) == 1``.
-        labels: ``[N, T]`` int64, contiguous, validated.
-    Returns:
-        :class:`TokenStats` of five ``[N, T]`` float32 tensors.
-    """
-    n, t, _ = logits.shape
-    out = torch.empty(NUM_STATS, n, t, dtype=torch.float32, device=logits.device)
-    if out.numel():
-        _C.forward(*forward_args(logits, labels, ignore_index, out), torch.get_num_threads())
-    return TokenStats(*out.unbind(0))
+    """The contract's forward (:mod:`pyfastpo.backends.base`) on CPU tensors."""
+    return run_forward(lambda *args: _C.forward(*args, torch.get_num_threads()), logits, labels, ignore_index)
 
 
-def backward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    row_max: torch.Tensor,
-    log_sum: torch.Tensor,
-    grad_scale: torch.Tensor,
-    ignore_index: int,
-    out: torch.Tensor,
-) -> None:
-    """Write ``grad_scale[n] * (onehot - softmax)`` into ``out``.
-
-    Args:
-        logits: ``[N, T, V]`` as in :func:`forward`.
-        labels: ``[N, T]`` int64, contiguous.
-        row_max, log_sum: ``[N, T]`` float32, contiguous, from :func:`forward`.
-        grad_scale: ``[N]`` float32, contiguous.
-        out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits`` itself.
-    """
-    if logits.shape[0] * logits.shape[1]:
-        args = backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out)
-        _C.backward(*args, torch.get_num_threads())
+def backward(logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
+    """The contract's backward (:mod:`pyfastpo.backends.base`) on CPU tensors; ``out`` may be ``logits``."""
+    call = lambda *args: _C.backward(*args, torch.get_num_threads())  # noqa: E731
+    run_backward(call, logits, labels, row_max, log_sum, grad_scale, ignore_index, out)

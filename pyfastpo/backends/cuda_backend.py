@@ -12,7 +12,7 @@ import functools
 import torch
 
 from .base import TokenStats
-from .native import NUM_STATS, backward_args, forward_args, load_extension
+from .native import load_extension, run_backward, run_forward
 
 _cuda, _IMPORT_ERROR = load_extension("_cuda", "; it is built only when nvcc is found")
 
@@ -69,41 +69,14 @@ def _device_and_stream(t: torch.Tensor) -> tuple[int, int]:
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
-    """Per-token stats.
-
-    Args:
-        logits: ``[N, T, V]`` float32 / bfloat16 / float16 on a CUDA device, ``stride(-1) == 1``.
-        labels: ``[N, T]`` int64, contiguous, validated, same device.
-    Returns:
-        :class:`TokenStats` of five ``[N, T]`` float32 tensors.
-    """
-    n, t, _ = logits.shape
+    """The contract's forward (:mod:`pyfastpo.backends.base`) on CUDA tensors, on the current stream."""
     with torch.cuda.device(logits.device):
-        out = torch.empty(NUM_STATS, n, t, dtype=torch.float32, device=logits.device)
-        if out.numel():
-            _cuda.forward(*forward_args(logits, labels, ignore_index, out), *_device_and_stream(logits))
-    return TokenStats(*out.unbind(0))
+        call = lambda *args: _cuda.forward(*args, *_device_and_stream(logits))  # noqa: E731
+        return run_forward(call, logits, labels, ignore_index)
 
 
-def backward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    row_max: torch.Tensor,
-    log_sum: torch.Tensor,
-    grad_scale: torch.Tensor,
-    ignore_index: int,
-    out: torch.Tensor,
-) -> None:
-    """Write ``grad_scale[n] * (onehot - softmax)`` into ``out``.
-
-    Args:
-        logits: ``[N, T, V]`` as in :func:`forward`.
-        labels: ``[N, T]`` int64, contiguous.
-        row_max, log_sum: ``[N, T]`` float32, contiguous, from :func:`forward`.
-        grad_scale: ``[N]`` float32, contiguous.
-        out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits`` itself.
-    """
-    if logits.shape[0] * logits.shape[1]:
-        with torch.cuda.device(logits.device):
-            args = backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out)
-            _cuda.backward(*args, *_device_and_stream(logits))
+def backward(logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
+    """The contract's backward (:mod:`pyfastpo.backends.base`) on CUDA tensors; ``out`` may be ``logits``."""
+    with torch.cuda.device(logits.device):
+        call = lambda *args: _cuda.backward(*args, *_device_and_stream(logits))  # noqa: E731
+        run_backward(call, logits, labels, row_max, log_sum, grad_scale, ignore_index, out)

@@ -60,3 +60,20 @@ def backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, ou
         labels.data_ptr(), row_max.data_ptr(), log_sum.data_ptr(), grad_scale.data_ptr(), int(ignore_index),
         out.data_ptr(), out.stride(0), out.stride(1),
     )  # fmt: skip
+
+
+def run_forward(call, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
+    """The contract's forward through an extension: allocates the float32
+    ``[NUM_STATS, N, T]`` buffer and calls ``call(*forward_args(...))`` (the
+    extension's forward with its own trailing arguments bound)."""
+    n, t, _ = logits.shape
+    out = torch.empty(NUM_STATS, n, t, dtype=torch.float32, device=logits.device)
+    if out.numel():
+        call(*forward_args(logits, labels, ignore_index, out))
+    return TokenStats(*out.unbind(0))
+
+
+def run_backward(call, logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
+    """The contract's backward through an extension: ``call(*backward_args(...))``."""
+    if logits.shape[0] * logits.shape[1]:
+        call(*backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out))

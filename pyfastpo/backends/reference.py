@@ -37,7 +37,7 @@ def _valid_chunks(labels: torch.Tensor, ignore_index: int, vocab: int):
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
-    """Per-token logp, row max, log-sum, entropy and logit sum; see :mod:`pyfastpo.backends.base`."""
+    """The contract's forward (:mod:`pyfastpo.backends.base`) in torch, chunk by chunk of valid rows."""
     n, t, v = logits.shape
     cdtype = compute_dtype(logits.dtype)
     stats = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=logits.device)
@@ -62,16 +62,8 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
     return TokenStats(*stats.unbind(0))
 
 
-def backward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    row_max: torch.Tensor,
-    log_sum: torch.Tensor,
-    grad_scale: torch.Tensor,
-    ignore_index: int,
-    out: torch.Tensor,
-) -> None:
-    """Write ``g[n] * (onehot - softmax)`` into ``out`` (may alias ``logits``)."""
+def backward(logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
+    """The contract's backward (:mod:`pyfastpo.backends.base`) in torch; ``out`` may be ``logits``."""
     v = logits.shape[-1]
     cdtype = compute_dtype(logits.dtype)
     ignored = labels == ignore_index

@@ -32,24 +32,12 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
-    """Per-token :class:`TokenStats`, each ``[N, T]`` float32.
-
-    See :mod:`pyfastpo.backends.base`; inputs are already validated there.
-    At ignored tokens all five (``row_max`` and ``log_sum`` included) are 0.
-    """
+    """The contract's forward (:mod:`pyfastpo.backends.base`) by the Triton kernels."""
     n, t, _ = logits.shape
     stats = logps_forward(logits, labels, ignore_index)
     return TokenStats(*(s.view(n, t) for s in stats))
 
 
-def backward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    row_max: torch.Tensor,
-    log_sum: torch.Tensor,
-    grad_scale: torch.Tensor,
-    ignore_index: int,
-    out: torch.Tensor,
-) -> None:
-    """Write ``grad_scale[n] * (onehot - softmax)`` into ``out`` (may alias ``logits``)."""
+def backward(logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
+    """The contract's backward (:mod:`pyfastpo.backends.base`) by the Triton kernels; ``out`` may be ``logits``."""
     logps_backward(logits, labels, row_max, log_sum, grad_scale, ignore_index, out)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import contenders as C
+from . import contenders
 from .case import Case
 from . import environment, measure
 from .data import parse_sizes
@@ -54,7 +54,7 @@ def missing_extra() -> str | None:
             importlib.import_module(module)
         except ImportError as err:
             missing.append(module)
-            first_error = first_error or C.first_line(err)
+            first_error = first_error or contenders.first_line(err)
     if not missing:
         return None
     return (f"pyfastpo-bench: error: it needs {' and '.join(missing)}, which cannot be imported here "
@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "float32 on cpu)")  # fmt: skip
     p.add_argument("--path", choices=["logits", "linear", "both"], default="both")
     p.add_argument("--baselines", default="all", help="comma-separated subset of "
-                   f"{','.join(C.BASELINE_GROUPS)}, or all / none (default all)")  # fmt: skip
+                   f"{','.join(contenders.BASELINE_GROUPS)}, or all / none (default all)")  # fmt: skip
     p.add_argument("--backends", help="comma-separated pyfastpo backends to run (default: all available; "
                    "reference always runs: it is the oracle)")  # fmt: skip
     p.add_argument("--repeats", type=int, help="timed runs per measurement (median)")
@@ -103,18 +103,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.warmup = warmup if args.warmup is None else args.warmup
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.baselines in ("all", "none"):
-        args.baseline_set = frozenset(C.BASELINE_GROUPS) if args.baselines == "all" else frozenset()
+        args.baseline_set = frozenset(contenders.BASELINE_GROUPS) if args.baselines == "all" else frozenset()
     else:
         args.baseline_set = frozenset(b.strip() for b in args.baselines.split(",") if b.strip())
-        unknown = args.baseline_set - set(C.BASELINE_GROUPS)
+        unknown = args.baseline_set - set(contenders.BASELINE_GROUPS)
         if unknown:
-            p.error(f"--baselines: unknown {sorted(unknown)}; choose from {', '.join(C.BASELINE_GROUPS)}")
+            p.error(f"--baselines: unknown {sorted(unknown)}; choose from {', '.join(contenders.BASELINE_GROUPS)}")
     args.backend_set = None
     if args.backends:
         args.backend_set = frozenset(b.strip() for b in args.backends.split(",") if b.strip()) | {"reference"}
-        unknown = args.backend_set - set(C.BACKENDS)
+        unknown = args.backend_set - set(contenders.BACKENDS)
         if unknown:
-            p.error(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(C.BACKENDS)}")
+            p.error(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(contenders.BACKENDS)}")
     return args
 
 
@@ -166,7 +166,7 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
     from tqdm.auto import tqdm
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    options = C.Options(args.baseline_set, args.backend_set, args.include_interpreted)
+    options = contenders.Options(args.baseline_set, args.backend_set, args.include_interpreted)
     paths = ["logits", "linear"] if args.path == "both" else [args.path]
     meta = environment.describe(device, argv)
     meta.update(dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, paths=paths,
@@ -178,14 +178,14 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
     rows, skipped, runnable = [], [], {}
     for path in paths:
         runnable[path] = []
-        for c in (c for c in C.registry() if c.path == path):
+        for c in (c for c in contenders.registry() if c.path == path):
             try:
                 op, source = c.build(device, dtype, options)
-            except C.Skip as why:
+            except contenders.Skip as why:
                 skipped.append({"path": path, "contender": c.name, "reason": str(why)})
                 continue
             except Exception as err:  # a broken install: report it, never drop it
-                reason = f"could not be built: {C.first_line(err)}"
+                reason = f"could not be built: {contenders.first_line(err)}"
                 skipped.append({"path": path, "contender": c.name, "reason": reason})
                 continue
             meta["sources"][c.name] = source
@@ -207,13 +207,13 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     if c.skip_on_failure and not any(r["contender"] == c.name for r in rows + size_rows):
-                        skipped.append({"path": path, "contender": c.name, "reason": f"failed: {C.first_line(err)}"})
+                        skipped.append({"path": path, "contender": c.name, "reason": f"failed: {contenders.first_line(err)}"})
                         runnable[path].remove((c, op))
                         bar.total -= len(args.size_list)
                         bar.refresh()
                         continue
                     row = _row(path, size, c, case.valid)
-                    row.update(status="error", error=C.first_line(err), passed=False)
+                    row.update(status="error", error=contenders.first_line(err), passed=False)
                 row["baseline"] = c.baseline
                 size_rows.append(row)
                 bar.update(1)

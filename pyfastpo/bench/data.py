@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from pyfastpo.sequence_logps import IGNORE_INDEX
+
+IGNORE = IGNORE_INDEX  # the label of prompt and padding tokens
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from ..fused import fused_preference_loss
 from ..linear import linear_preference_loss
 from ..losses import check_loss_options, needs_reference_entropy
 from ..pairs import REFERENCE_ENTROPIES
-from ..sequence_logps import sequence_logps
+from ..sequence_logps import IGNORE_INDEX, sequence_logps
 from .trl_config import FastDPOConfig, check_supported, loss_options
 
 __all__ = ["FastDPOConfig", "FastDPOTrainer"]
@@ -423,7 +423,7 @@ class FastDPOTrainer(DPOTrainer):
                 metrics[key].append(self.accelerator.gather_for_metrics(out.metrics[key]).mean().item())
 
 
-def _next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, ignore_index: int = -100):
+def _next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, ignore_index: int = IGNORE_INDEX):
     """trl's alignment as ``[N, L]`` labels for the unshifted logits: ``labels[:, t] = input_ids[:, t + 1]``,
     non-completion tokens and the last position (which predicts nothing) set to ``ignore_index``."""
     labels = input_ids[..., 1:].masked_fill(completion_mask[..., 1:] == 0, ignore_index)

@@ -36,6 +36,9 @@ OPTION_DEFAULTS = {
 }
 """Defaults of the loss-specific options (``preference_loss``'s signature matches; a test checks it)."""
 
+SCALAR_DEFAULTS = {"loss_weights": None, "beta": 0.1, "bcr_weight": 0.0, "nll_weight": 0.0, **OPTION_DEFAULTS}
+"""Defaults of every scalar option :func:`check_loss_options` takes (the same test checks them)."""
+
 USED_BY = {
     "label_smoothing": {"robust", "exo_pair", "aot", "aot_unpaired", "mallows_dpo"},
     "gamma": {"focalpo", "simpo"},
@@ -103,27 +106,10 @@ def needs_reference_entropy(loss_type) -> bool:
     return bool(MALLOWS & set(loss_types(loss_type)))
 
 
-def check_loss_options(
-    loss_type,
-    *,
-    loss_weights: Sequence[float] | None = None,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-    gamma: float | None = None,
-    focal_gamma: float = 0.05,
-    focal_detach: bool = False,
-    simpo_gamma: float = 0.5,
-    discopop_tau: float = 0.05,
-    dispersion_scale: float = 0.29,
-    dispersion_given: bool = False,
-    bcr_weight: float = 0.0,
-    bcr_budget: float = 0.0,
-    bcr_per_token: bool = False,
-    nll_weight: float = 0.0,
-    vocab_size: int | None = None,
-) -> LossOptions:
+def check_loss_options(loss_type, *, dispersion_given: bool = False, vocab_size: int | None = None, **options) -> LossOptions:
     """Validate :func:`pyfastpo.preference_loss`'s scalar options; no tensor is touched.
 
+    ``options``: any of :data:`SCALAR_DEFAULTS` (the others take those defaults).
     ``dispersion_given``: the caller passes the Mallows dispersion directly (then
     ``dispersion_scale`` and ``vocab_size`` are not read). ``vocab_size``: V when
     known (the Mallows dispersion from entropies needs ``V >= 2``).
@@ -131,6 +117,14 @@ def check_loss_options(
     Returns:
         :class:`LossOptions` (types, one weight per type, resolved focal and SimPO exponents).
     """
+    unknown = sorted(set(options) - set(SCALAR_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown loss options {unknown}; the options are {sorted(SCALAR_DEFAULTS)}")
+    o = {**SCALAR_DEFAULTS, **options}
+    loss_weights, beta, label_smoothing, gamma = o["loss_weights"], o["beta"], o["label_smoothing"], o["gamma"]
+    focal_gamma, focal_detach, simpo_gamma = o["focal_gamma"], o["focal_detach"], o["simpo_gamma"]
+    discopop_tau, dispersion_scale = o["discopop_tau"], o["dispersion_scale"]
+    bcr_weight, bcr_budget, bcr_per_token, nll_weight = o["bcr_weight"], o["bcr_budget"], o["bcr_per_token"], o["nll_weight"]
     types = loss_types(loss_type)
     if loss_weights is None:
         weights = [1.0] * len(types)

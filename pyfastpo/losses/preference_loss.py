@@ -9,7 +9,7 @@ import torch
 
 from ..validation import check_same_device
 from .mallows import dispersion_from_entropy
-from .options import OPTION_DEFAULTS, check_loss_options
+from .options import SCALAR_DEFAULTS, check_loss_options
 from .pairwise import LOSSES, MALLOWS, NEEDS_TOKEN_COUNTS, PairTerms
 
 
@@ -231,7 +231,7 @@ _VECTOR_ARGS = (
     "ref_chosen_entropy", "ref_rejected_entropy", "dispersion",
 )  # fmt: skip
 # Scalar options check_loss_options takes under the same names.
-_SCALAR_ARGS = ("loss_weights", "beta", "bcr_weight", "nll_weight", *OPTION_DEFAULTS)
+_SCALAR_ARGS = tuple(SCALAR_DEFAULTS)
 
 
 def check_loss_kwargs(
