@@ -1,14 +1,23 @@
-"""The ``cuda`` backend refuses GPUs older than the compute capability it is compiled for
-(setup.py: sm_80, sm_90 + compute_90 PTX), and ``auto`` then falls back. No GPU needed:
-torch.cuda's queries are monkeypatched to describe a fake device."""
+"""Tests specific to the ``cuda`` backend: the extension's build and its behaviour without a
+GPU; the refusal of GPUs older than the compute capability it is compiled for (setup.py:
+sm_80, sm_90 + compute_90 PTX), after which ``auto`` falls back (torch.cuda's queries
+monkeypatched to describe a fake device); and, where a GPU is present, the kernels
+against ``reference`` on every dtype, vocabulary shape and row alignment. The kernels'
+per-row math is also replayed without a GPU: test_device_emulation.py."""
 
 from __future__ import annotations
+
+import glob
+import os
+import shutil
 
 import pytest
 import torch
 
+import pyfastpo
+
 from pyfastpo import backends
-from pyfastpo.backends import cuda_backend
+from pyfastpo.backends import cuda_backend, reference
 
 BUILT = cuda_backend._cuda is not None
 REAL_RUNTIME_REASON = cuda_backend._runtime_reason
@@ -111,3 +120,64 @@ def test_a_runtime_that_does_not_start_is_reported_and_auto_falls_back(fake_gpu,
 
 def test_runtime_check_is_cached():
     assert hasattr(cuda_backend._runtime_reason, "cache_info")
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------- the CUDA extension
+
+
+def _nvcc_present() -> bool:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    return bool(shutil.which("nvcc") or (home and glob.glob(os.path.join(home, "bin", "nvcc"))))
+
+
+@pytest.mark.skipif(not _nvcc_present(), reason="nvcc is absent: pyfastpo.backends._cuda is not built by design")
+def test_cuda_extension_built_and_clear_without_gpu():
+    if os.environ.get("PYFASTPO_NO_CUDA"):
+        pytest.skip("PYFASTPO_NO_CUDA is set: the CUDA extension was skipped on purpose")
+    from pyfastpo.backends import _cuda  # built whenever nvcc is present
+    from pyfastpo.backends import cuda_backend
+
+    if torch.cuda.is_available():
+        assert _cuda.device_count() >= 1
+        return
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _cuda.device_count()
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _cuda.forward(0, 0, 1, 1, 1, 1, 1, 0, -100, 0, 0, 0)
+    assert cuda_backend.unavailable_reason(torch.device("cuda")) is not None
+    with pytest.raises(ValueError, match="not available"):
+        pyfastpo.sequence_logps(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 17, 4099, 32000, 50257])
+def test_cuda_backend_vs_reference(dtype, vocab):
+    from pyfastpo.backends import cuda_backend
+
+    torch.manual_seed(vocab)
+    full = (torch.randn(3, 9, vocab, device="cuda") * 3).to(dtype)
+    # A row padded to a multiple of 64 (16-byte aligned rows, so the vector path, with a
+    # scalar tail when vocab % K != 0) and the same starting one element in (misaligned
+    # base pointer: the scalar path).
+    padded = (torch.randn(3, 9, (vocab + 1 + 63) // 64 * 64, device="cuda") * 3).to(dtype)
+    views = (full, full[:, :-1], padded[..., :vocab], padded[..., 1 : vocab + 1])
+    for x in views:
+        y = torch.randint(0, vocab, x.shape[:2], device="cuda")
+        y[0, 1] = -100
+        ref = reference.forward(x, y, -100)
+        got = cuda_backend.forward(x, y, -100)
+        for name in ("logp", "entropy", "sum_logits"):
+            torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=2e-4)
+        g = torch.randn(3, device="cuda")
+        want = torch.empty_like(x)
+        reference.backward(x, y, ref.row_max, ref.log_sum, g, -100, want)
+        out = torch.full_like(x, float("nan"))
+        cuda_backend.backward(x, y, got.row_max, got.log_sum, g, -100, out)
+        torch.testing.assert_close(out, want, **({} if dtype != torch.float32 else {"rtol": 1e-5, "atol": 1e-6}))
+        inplace = x.clone()
+        cuda_backend.backward(inplace, y, got.row_max, got.log_sum, g, -100, inplace)
+        assert torch.equal(inplace, out)
