@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.pyfastpo-installed
 # The package is installed under a constraint that keeps that torch: otherwise a
 # dependency (trl, peft, ...) could pull a multi-GB CUDA build.
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 setup: $(STAMP)
 
@@ -21,9 +21,15 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
+# Lint and format (ruff, configured in pyproject.toml; the same hooks run from
+# .pre-commit-config.yaml). `ruff format .` fixes the layout.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # Triton kernels run on the CPU under the interpreter when no GPU is present
 # (tests/conftest.py sets TRITON_INTERPRET=1 in that case).
-test: setup
+test: setup lint
 	$(PY) -m pytest -q tests
 
 # OMP_WAIT_POLICY=passive: idle OpenMP threads sleep instead of spinning, which

@@ -22,9 +22,14 @@ from setuptools import setup
 # which is what vectorizes the CPU loops; -ffast-math is NOT used.
 CPU_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"]
 NVCC_FLAGS = [
-    "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-    "-gencode", "arch=compute_80,code=sm_80",  # A100
-    "-gencode", "arch=compute_90,code=[sm_90,compute_90]",  # H100; PTX for newer GPUs
+    "-O3",
+    "-std=c++17",
+    "-Xcompiler",
+    "-fPIC",
+    "-gencode",
+    "arch=compute_80,code=sm_80",  # A100
+    "-gencode",
+    "arch=compute_90,code=[sm_90,compute_90]",  # H100; PTX for newer GPUs
 ]
 
 
@@ -48,8 +53,10 @@ class BuildExt(build_ext):
         for ext in [e for e in self.extensions if e.name == "pyfastpo.backends._cuda"]:
             reason = self._prepare_cuda(ext)
             if reason:
-                print(f"pyfastpo: NOT building the CUDA extension pyfastpo.backends._cuda: {reason}. "
-                      "The 'cpp' and 'reference' backends are unaffected.")
+                print(
+                    f"pyfastpo: NOT building the CUDA extension pyfastpo.backends._cuda: {reason}. "
+                    "The 'cpp' and 'reference' backends are unaffected."
+                )
                 self.extensions.remove(ext)
         super().build_extensions()
 

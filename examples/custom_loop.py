@@ -66,10 +66,15 @@ def run(variant, model, ref_model, data, args):
             with torch.no_grad():
                 ref_hidden = ref_model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
             out = pyfastpo.linear_preference_loss(
-                hidden, model.lm_head.weight, lab, bias=model.lm_head.bias,
-                ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight, ref_bias=ref_model.lm_head.bias,
+                hidden,
+                model.lm_head.weight,
+                lab,
+                bias=model.lm_head.bias,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_model.lm_head.weight,
+                ref_bias=ref_model.lm_head.bias,
                 **loss_kwargs,
-            )  # fmt: skip
+            )
 
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -77,7 +82,9 @@ def run(variant, model, ref_model, data, args):
         metrics = {k: v.item() for k, v in out.metrics.items()}
         history.append({"loss": out.loss.item(), **metrics})
         if step % args.log_every == 0 or step == 1:
-            extra = f"  mallows/dispersion {metrics['mallows/dispersion']:.3f}" if "mallows/dispersion" in metrics else ""
+            extra = (
+                f"  mallows/dispersion {metrics['mallows/dispersion']:.3f}" if "mallows/dispersion" in metrics else ""
+            )
             print(
                 f"  [{variant}] step {step:4d}  loss {out.loss.item():.4f}  "
                 f"rewards/accuracies {metrics['rewards/accuracies']:.3f}  "

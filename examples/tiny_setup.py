@@ -149,8 +149,16 @@ def dpo_config_kwargs(**overrides) -> dict:
     return kwargs
 
 
-def sft_warmup(model, tokenizer, pairs: dict[str, list[str]], *, steps: int = 60, batch_pairs: int = 32,
-               lr: float = 3e-3, seed: int = 0):
+def sft_warmup(
+    model,
+    tokenizer,
+    pairs: dict[str, list[str]],
+    *,
+    steps: int = 60,
+    batch_pairs: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+):
     """Supervised warm-up on both completions of every pair (plain PyTorch, in place; returns ``model``).
 
     DPO starts from an SFT model in practice. Training on chosen *and* rejected

@@ -38,7 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--backend", default="auto", help="pyfastpo backend")
     parser.add_argument("--log-every", type=int, default=25, help="print a progress line every N steps")
     parser.add_argument("--out", default="tiny_dpo_out", help="folder for the plot and the metrics")
-    parser.add_argument("--quick", action="store_true", help="150 steps at lr 4e-3 on 512 pairs (the start of learning only)")
+    parser.add_argument(
+        "--quick", action="store_true", help="150 steps at lr 4e-3 on 512 pairs (the start of learning only)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the matrices are tiny: 1 is fastest)")
     args = parser.parse_args(argv)
@@ -57,7 +59,8 @@ def train_one(loss_type, args, tokenizer, init_model, dataset, progress=True):
             if logs and "loss" in logs and (state.global_step % args.log_every == 0 or state.global_step == 1):
                 print(
                     f"  [{loss_type:>12}] step {state.global_step:4d}/{args.steps}  loss {logs['loss']:.4f}  "
-                    f"rewards/accuracies {logs['rewards/accuracies']:.3f}  rewards/margins {logs['rewards/margins']:+.4f}",
+                    f"rewards/accuracies {logs['rewards/accuracies']:.3f}  "
+                    f"rewards/margins {logs['rewards/margins']:+.4f}",
                     flush=True,
                 )
 
@@ -107,7 +110,10 @@ def plot(results, path):
         for ax, key in zip(axes, ("loss", "rewards/accuracies")):
             values = [h[key] for h in history]
             width = max(1, len(values) // 30)  # light moving average: per-step values are noisy
-            smooth = [sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1]) for i in range(len(values))]
+            smooth = [
+                sum(values[max(0, i - width + 1) : i + 1]) / len(values[max(0, i - width + 1) : i + 1])
+                for i in range(len(values))
+            ]
             ax.plot(steps, smooth, label=loss_type)
     for ax, key in zip(axes, ("loss", "rewards/accuracies")):
         ax.set_xlabel("step")
@@ -143,8 +149,14 @@ def main(argv=None):
         f"{args.steps} steps x {args.batch_size} pairs per loss type"
     )
     # One throwaway 2-step run so that one-time start-up costs do not land in the first loss type's time.
-    train_one(args.loss_types[0], argparse.Namespace(**{**vars(args), "steps": 2}), tokenizer, init_model, dataset,
-              progress=False)
+    train_one(
+        args.loss_types[0],
+        argparse.Namespace(**{**vars(args), "steps": 2}),
+        tokenizer,
+        init_model,
+        dataset,
+        progress=False,
+    )
 
     results = {}
     for loss_type in args.loss_types:
@@ -166,9 +178,7 @@ def main(argv=None):
             seconds=elapsed,
         )
         rows.append(row)
-        print(
-            f"| {loss_type} | {row['loss']:.4f} | {row['accuracy']:.3f} | {row['margin']:+.4f} | {elapsed:.1f} |"
-        )
+        print(f"| {loss_type} | {row['loss']:.4f} | {row['accuracy']:.3f} | {row['margin']:+.4f} | {elapsed:.1f} |")
     path = os.path.join(args.out, "tiny_dpo.png")
     plot(results, path)
     print(f"\nplot: {path}")

@@ -192,4 +192,3 @@ def logps_forward(
             num_warps=warps,
         )
     return logp, row_max, log_sum, entropy, sum_logits
-

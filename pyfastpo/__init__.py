@@ -20,6 +20,7 @@ from .version import __version__
 
 __all__ = [
     "IGNORE_INDEX",
+    "__version__",
     "LOSS_TYPES",
     "FusedPreferenceLossOutput",
     "PreferenceLossOutput",

@@ -40,9 +40,13 @@ def run_one(contender: str, logits, ref_logits, labels, loss_type: str, repeats:
                     del logp
             counts = valid.sum(-1).chunk(2)
             out = preference_loss(
-                *trl_way_logps(x, labels).chunk(2), *ref.chunk(2), chosen_num_tokens=counts[0],
-                rejected_num_tokens=counts[1], vocab_size=logits.shape[-1], **kwargs,
-            )  # fmt: skip
+                *trl_way_logps(x, labels).chunk(2),
+                *ref.chunk(2),
+                chosen_num_tokens=counts[0],
+                rejected_num_tokens=counts[1],
+                vocab_size=logits.shape[-1],
+                **kwargs,
+            )
         else:
             out = fused_preference_loss(x, labels, ref_logits=ref_logits, backend=contender, **kwargs)
         (grad,) = torch.autograd.grad(out.loss, x)
@@ -55,7 +59,7 @@ def run_one(contender: str, logits, ref_logits, labels, loss_type: str, repeats:
             torch.cuda.synchronize()
         start = time.perf_counter()
         if i == repeats + 1:  # the last run measures memory (the profiler slows it down)
-            (out, grad), peak = peak_memory(lambda: step(x), logits.device)
+            (out, grad), peak = peak_memory(lambda x=x: step(x), logits.device)
         else:
             out, grad = step(x)
             if logits.device.type == "cuda":

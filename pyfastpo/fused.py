@@ -52,13 +52,23 @@ def fused_preference_loss(
         check_logits_labels(ref_logits, labels, ignore_index, name="ref_logits")
         get_backend(backend, ref_logits.device, ref_logits.dtype)
     check_pair_loss_arguments(
-        logits.shape[0], logits.device, logits.shape[-1], ref_logits is not None,
-        ref_chosen_logps, ref_rejected_logps, loss_type, loss_kwargs,
-    )  # fmt: skip
+        logits.shape[0],
+        logits.device,
+        logits.shape[-1],
+        ref_logits is not None,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        loss_type,
+        loss_kwargs,
+    )
     policy = sequence_logps(
-        logits, labels, ignore_index=ignore_index, return_entropy=True, backend=backend,
+        logits,
+        labels,
+        ignore_index=ignore_index,
+        return_entropy=True,
+        backend=backend,
         inplace_backward=inplace_backward,
-    )  # fmt: skip
+    )
     reference = None
     if ref_logits is not None:
         with torch.no_grad():

@@ -49,7 +49,11 @@ def _chunk_tokens(chunk_tokens, memory_budget_bytes, vocab: int, dtype: torch.dt
     """Valid tokens projected per chunk: ``chunk_tokens``, or as many as ``memory_budget_bytes`` holds."""
     if chunk_tokens is not None:
         return _positive_int("chunk_tokens", chunk_tokens)
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget_bytes is None else _positive_int("memory_budget_bytes", memory_budget_bytes)
+    budget = (
+        DEFAULT_MEMORY_BUDGET
+        if memory_budget_bytes is None
+        else _positive_int("memory_budget_bytes", memory_budget_bytes)
+    )
     # A chunk costs its logits plus, in the backends, at most float32 temporaries of the same size.
     per_token = vocab * (torch.empty((), dtype=dtype).element_size() + 4)
     return max(1, budget // per_token)
@@ -153,7 +157,9 @@ class _LinearLogpsFunction(torch.autograd.Function):
 def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden", w_name="weight", b_name="bias"):
     """Validate one projection's inputs (``what``, ``w_name``, ``b_name`` name them in
     messages); return the labels as contiguous int64."""
-    for name, x in ((what, hidden), (w_name, weight), ("labels", labels)) + (((b_name, bias),) if bias is not None else ()):
+    for name, x in ((what, hidden), (w_name, weight), ("labels", labels)) + (
+        ((b_name, bias),) if bias is not None else ()
+    ):
         check_plain_tensor(name, x)
     if hidden.dim() != 3:
         raise ValueError(f"{what} must have shape [N, T, H], got {tuple(hidden.shape)}")
@@ -169,7 +175,9 @@ def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden", w_n
             raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
     for name, x in ((w_name, weight), (b_name, bias)):
         if x is not None and x.dtype != hidden.dtype:
-            raise ValueError(f"{what} ({hidden.dtype}) and {name} ({x.dtype}) must share a dtype; cast with .to({hidden.dtype})")
+            raise ValueError(
+                f"{what} ({hidden.dtype}) and {name} ({x.dtype}) must share a dtype; cast with .to({hidden.dtype})"
+            )
     check_same_device(**{what: hidden, w_name: weight, b_name: bias, "labels": labels})
     return check_labels(labels, tuple(hidden.shape[:2]), weight.shape[0], ignore_index, what)
 
@@ -259,24 +267,37 @@ def linear_preference_loss(
         ref_b = bias if ref_weight is None and ref_bias is None else ref_bias
         check_plain_tensor("ref_weight", ref_w)
         if ref_w.dim() == 2 and ref_w.shape[0] != weight.shape[0]:
-            raise ValueError(f"ref_weight has {ref_w.shape[0]} rows (V) but weight has {weight.shape[0]}: same vocabulary needed")
+            raise ValueError(
+                f"ref_weight has {ref_w.shape[0]} rows (V) but weight has {weight.shape[0]}: same vocabulary needed"
+            )
         _check_linear(ref_hidden, ref_w, ref_b, labels, ignore_index, "ref_hidden", "ref_weight", "ref_bias")
     elif ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_weight / ref_bias are used only with ref_hidden; pass ref_hidden too, or drop them")
     check_pair_loss_arguments(
-        hidden.shape[0], hidden.device, weight.shape[0], ref_hidden is not None,
-        ref_chosen_logps, ref_rejected_logps, loss_type, loss_kwargs,
-    )  # fmt: skip
-    common = dict(ignore_index=ignore_index, backend=backend, chunk_tokens=chunk_tokens,
-                  memory_budget_bytes=memory_budget_bytes)  # fmt: skip
+        hidden.shape[0],
+        hidden.device,
+        weight.shape[0],
+        ref_hidden is not None,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        loss_type,
+        loss_kwargs,
+    )
+    common = dict(
+        ignore_index=ignore_index, backend=backend, chunk_tokens=chunk_tokens, memory_budget_bytes=memory_budget_bytes
+    )
     policy = linear_sequence_logps(hidden, weight, labels, bias=bias, return_entropy=True, **common)
     reference = None
     if ref_hidden is not None:
         with torch.no_grad():
             reference = linear_sequence_logps(
-                ref_hidden.detach(), ref_w.detach(), labels, bias=None if ref_b is None else ref_b.detach(),
-                return_entropy=True, **common,
-            )  # fmt: skip
+                ref_hidden.detach(),
+                ref_w.detach(),
+                labels,
+                bias=None if ref_b is None else ref_b.detach(),
+                return_entropy=True,
+                **common,
+            )
     return pair_loss_from_stats(
         policy, reference, ref_chosen_logps, ref_rejected_logps, weight.shape[0], loss_type, loss_kwargs
     )

@@ -59,16 +59,26 @@ def check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs: int, 
 
 
 def check_pair_loss_arguments(
-    num_rows: int, device: torch.device, vocab_size: int, reference_streamed: bool,
-    ref_chosen_logps, ref_rejected_logps, loss_type, loss_kwargs: dict,
-) -> None:  # fmt: skip
+    num_rows: int,
+    device: torch.device,
+    vocab_size: int,
+    reference_streamed: bool,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    loss_type,
+    loss_kwargs: dict,
+) -> None:
     """The loss-side arguments of both entry points, checked before any pass over the data:
     precomputed reference log-probs and the loss options (``num_rows = N`` sequences)."""
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_rows // 2, device)
     check_loss_kwargs(
-        loss_type, loss_kwargs, num_pairs=num_rows // 2, device=device, vocab_size=vocab_size,
+        loss_type,
+        loss_kwargs,
+        num_pairs=num_rows // 2,
+        device=device,
+        vocab_size=vocab_size,
         filled=REFERENCE_ENTROPIES if reference_streamed else (),
-    )  # fmt: skip
+    )
 
 
 def pair_loss_from_stats(

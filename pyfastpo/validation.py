@@ -24,7 +24,11 @@ def check_plain_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if type(x) not in _PLAIN_TYPES:
-        hint = " (a DTensor: pass x.full_tensor(), or x.to_local() for the local shard)" if "DTensor" in type(x).__name__ else ""
+        hint = (
+            " (a DTensor: pass x.full_tensor(), or x.to_local() for the local shard)"
+            if "DTensor" in type(x).__name__
+            else ""
+        )
         raise ValueError(
             f"{name} is a {type(x).__module__}.{type(x).__name__}, a tensor subclass{hint}; "
             "pyfastpo takes plain torch.Tensors"
@@ -38,7 +42,9 @@ def check_plain_tensor(name: str, x) -> None:
         raise ValueError(f"{name} is a lazy negated/conjugated view; pass {name}.resolve_neg().resolve_conj()")
 
 
-def check_logits_labels(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, name: str = "logits") -> torch.Tensor:
+def check_logits_labels(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, name: str = "logits"
+) -> torch.Tensor:
     """Validate ``logits [N, T, V]`` and ``labels [N, T]``; return labels as contiguous int64.
 
     Checks the tensor kind (:func:`check_plain_tensor`), dtype, rank, shapes,
@@ -101,7 +107,9 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
     return labels
 
 
-def check_reference_input(name: str, ref, like_name: str, like: torch.Tensor, ref_chosen_logps, ref_rejected_logps) -> None:
+def check_reference_input(
+    name: str, ref, like_name: str, like: torch.Tensor, ref_chosen_logps, ref_rejected_logps
+) -> None:
     """A reference model's input ``ref`` (logits or hidden states) given with the
     policy's ``like``: a plain tensor of the same shape, and not together with
     precomputed reference log-probs."""

@@ -37,11 +37,15 @@ pytestmark = pytest.mark.skipif(
 #   22.0 per element -> 108, 14.9 (ex2.approx.ftz, unmasked full blocks) -> 47, 11.75
 #   (state per 16-byte tile row, reduced once after the loop); backward 34, 19.5 -> 40, 13.3.
 BUDGET = {  # kernel name prefix -> (max registers, max instructions per element)
-    ("cuda", "forward", "16-bit"): (64, 8.0), ("cuda", "forward", "fp32"): (64, 8.5),
-    ("cuda", "backward", "vec"): (40, 5.0), ("cuda", "backward", "scalar"): (48, 28.0),
-    ("triton", "forward", "16-bit"): (56, 12.5), ("triton", "forward", "fp32"): (40, 12.5),
-    ("triton", "backward", "16-bit"): (48, 14.0), ("triton", "backward", "fp32"): (40, 13.5),
-}  # fmt: skip
+    ("cuda", "forward", "16-bit"): (64, 8.0),
+    ("cuda", "forward", "fp32"): (64, 8.5),
+    ("cuda", "backward", "vec"): (40, 5.0),
+    ("cuda", "backward", "scalar"): (48, 28.0),
+    ("triton", "forward", "16-bit"): (56, 12.5),
+    ("triton", "forward", "fp32"): (40, 12.5),
+    ("triton", "backward", "16-bit"): (48, 14.0),
+    ("triton", "backward", "fp32"): (40, 13.5),
+}
 
 
 def _budget(row: dict) -> tuple:
@@ -86,8 +90,12 @@ def test_kernel_budgets(rows):
 
 def test_hot_loop_finder_on_a_known_loop():
     """The harness itself: a hand-made SASS loop of 10 instructions loading 16 bytes."""
-    body = [aot.Instr(0x100 + 16 * i, op, "") for i, op in enumerate(
-        ["LDG.E.128", "FADD", "FMUL", "MUFU.EX2", "FADD", "FFMA", "IADD3", "ISETP.GE.AND", "NOP"])]  # fmt: skip
+    body = [
+        aot.Instr(0x100 + 16 * i, op, "")
+        for i, op in enumerate(
+            ["LDG.E.128", "FADD", "FMUL", "MUFU.EX2", "FADD", "FFMA", "IADD3", "ISETP.GE.AND", "NOP"]
+        )
+    ]
     body.append(aot.Instr(0x100 + 16 * 9, "BRA", "0x100"))
     code = aot.KernelCode("k", 16, 0, [aot.Instr(0x0, "MOV", "")] + body + [aot.Instr(0x200, "EXIT", "")])
     loop = code.hot_loop()

@@ -21,8 +21,24 @@ def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # --quick's sizes are cut further and torch.compile (tens of seconds of compiling) is left
     # out so that this stays fast; the skip of "compile" is itself checked below.
-    argv = ["--quick", "--device", "cpu", "--sizes", SIZES, "--hidden", "32", "--repeats", "1", "--warmup", "0",
-            "--baselines", "trl,logsoftmax,materialized,liger,cce", "--no-progress", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--quick",
+        "--device",
+        "cpu",
+        "--sizes",
+        SIZES,
+        "--hidden",
+        "32",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--baselines",
+        "trl,logsoftmax,materialized,liger,cce",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     code = cli.main(argv)
     return code, out, json.loads((out / "results.json").read_text())
 
@@ -100,7 +116,7 @@ def test_missing_and_unselected_contenders_are_skipped_with_a_reason(bench_run):
         (["8x256x32000,", "4x128x32000"], ["8x256x32000x512", "4x128x32000x512"]),  # "A, B" unquoted
         (["2x8x64 2x8x128"], ["2x8x64x512", "2x8x128x512"]),  # one quoted, space-separated argument
     ],
-)  # fmt: skip
+)
 def test_sizes_are_parsed(sizes, expected):
     args = cli.parse_args(["--device", "cpu", "--hidden", "512", "--sizes", *sizes])
     assert [s.label("linear") for s in args.size_list] == expected
@@ -121,7 +137,7 @@ def test_sizes_are_parsed(sizes, expected):
         ([","], "--sizes: no size given"),
         ([], "expected at least one argument"),
     ],
-)  # fmt: skip
+)
 def test_bad_sizes_are_rejected(capsys, sizes, message):
     with pytest.raises(SystemExit) as exc:
         cli.parse_args(["--device", "cpu", "--sizes", *sizes])
@@ -144,9 +160,27 @@ def test_explicit_sizes_run_side_by_side(tmp_path):
     """``--sizes`` runs exactly the sizes given (space-separated here), each with pyfastpo's
     backends next to the plain float32 log_softmax + gather."""
     out = tmp_path / "bench"
-    code = cli.main(["--device", "cpu", "--quick", "--sizes", "2x8x64", "4x8x128", "--path", "logits",
-                     "--repeats", "1", "--warmup", "0", "--baselines", "logsoftmax", "--no-progress",
-                     "--out", str(out)])  # fmt: skip
+    code = cli.main(
+        [
+            "--device",
+            "cpu",
+            "--quick",
+            "--sizes",
+            "2x8x64",
+            "4x8x128",
+            "--path",
+            "logits",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--baselines",
+            "logsoftmax",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     data = json.loads((out / "results.json").read_text())
     assert code == 0
     assert data["meta"]["sizes"] == ["2x8x64x128", "4x8x128x128"]  # --quick's H, as the linear path labels them
@@ -160,8 +194,9 @@ def test_explicit_sizes_run_side_by_side(tmp_path):
 
 
 def test_module_entry_point():
-    result = subprocess.run([sys.executable, "-m", "pyfastpo.bench", "--help"], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pyfastpo.bench", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "--include-interpreted" in result.stdout
 
 

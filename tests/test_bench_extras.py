@@ -19,8 +19,22 @@ import pytest
 from pyfastpo.bench import cli
 
 REPO = Path(__file__).resolve().parents[1]
-ARGV = ["--device", "cpu", "--quick", "--sizes", "2x8x64", "--hidden", "8", "--repeats", "1", "--warmup", "0",
-        "--baselines", "none", "--no-progress"]  # fmt: skip
+ARGV = [
+    "--device",
+    "cpu",
+    "--quick",
+    "--sizes",
+    "2x8x64",
+    "--hidden",
+    "8",
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--baselines",
+    "none",
+    "--no-progress",
+]
 INSTALL = f"pip install 'pyfastpo[{cli.BENCH_EXTRA}]'"
 
 
@@ -73,9 +87,11 @@ def test_missing_extra_is_one_line_naming_the_extra(monkeypatch, capsys, tmp_pat
 def test_missing_extra_from_the_command_line(tmp_path):
     """``python -m pyfastpo.bench`` exits non-zero with the message, no traceback."""
     out = tmp_path / "bench"
-    script = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None; "
-              f"sys.argv = ['pyfastpo-bench', *{[*ARGV, '--out', str(out)]!r}]; "
-              "runpy.run_module('pyfastpo.bench', run_name='__main__', alter_sys=True)")  # fmt: skip
+    script = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; sys.modules['tqdm'] = None; "
+        f"sys.argv = ['pyfastpo-bench', *{[*ARGV, '--out', str(out)]!r}]; "
+        "runpy.run_module('pyfastpo.bench', run_name='__main__', alter_sys=True)"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
@@ -145,8 +161,9 @@ def test_results_cite_only_existing_files(md):
     assert not missing, f"{md.relative_to(REPO)} cites files that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("md", [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))],
-                         ids=lambda p: str(p.relative_to(REPO)))  # fmt: skip
+@pytest.mark.parametrize(
+    "md", [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))], ids=lambda p: str(p.relative_to(REPO))
+)
 def test_readme_and_docs_link_only_to_existing_files(md):
     links = {p.split("#")[0] for p in (m.group(1) for m in LINK.finditer(md.read_text())) if "://" not in p}
     missing = missing_citations(md, {p for p in links if p})
@@ -162,4 +179,8 @@ def test_the_citation_check_can_fail(tmp_path):
         "https://example.com/a/b.py\n"
     )
     assert missing_citations(md, cited_paths(md.read_text())) == [
-        "DESIGN.md", "benchmarks/no_such_bench.py", "benchmarks/results/x", "no_such_plot.png"]  # fmt: skip
+        "DESIGN.md",
+        "benchmarks/no_such_bench.py",
+        "benchmarks/results/x",
+        "no_such_plot.png",
+    ]

@@ -8,18 +8,15 @@ variant, in-place backward and extreme logits.
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
-
 import pytest
 import torch
 
 import pyfastpo
-from pyfastpo.backends import _C
-from pyfastpo.backends import cpp_backend, native, reference
+from pyfastpo.backends import _C, cpp_backend, native, reference
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _supported(isa: str) -> bool:
     try:
         _C.set_isa(isa)
@@ -64,12 +61,30 @@ def _check_against_reference(x, y, ignore_index=-100, grad_dtype_tol=None):
 
 
 def _special_floats():
-    x = torch.cat([
-        torch.randn(20000) * torch.logspace(-10, 10, 20000),  # wide magnitudes
-        torch.randn(5000) * 1e-6,  # fp16 subnormal range
-        torch.tensor([0.0, -0.0, 65504.0, 65520.0, 1e6, -1e6, 6e-8, 3e-8, 2.9e-8,
-                      float("inf"), float("-inf"), 3.0e38, -3.0e38, 1e-40]),
-    ])
+    x = torch.cat(
+        [
+            torch.randn(20000) * torch.logspace(-10, 10, 20000),  # wide magnitudes
+            torch.randn(5000) * 1e-6,  # fp16 subnormal range
+            torch.tensor(
+                [
+                    0.0,
+                    -0.0,
+                    65504.0,
+                    65520.0,
+                    1e6,
+                    -1e6,
+                    6e-8,
+                    3e-8,
+                    2.9e-8,
+                    float("inf"),
+                    float("-inf"),
+                    3.0e38,
+                    -3.0e38,
+                    1e-40,
+                ]
+            ),
+        ]
+    )
     # Exact ties between two 16-bit neighbours test round-to-nearest-even.
     ties = (torch.randint(0, 1 << 15, (2000,), dtype=torch.int32) << 16) | 0x8000
     ties_h = (torch.randint(0x0400, 0x7B00, (2000,), dtype=torch.int32) << 13) | 0x1000
@@ -184,9 +199,23 @@ def test_out_of_range_labels_are_ignored_by_the_kernel():
     _C.forward(x.data_ptr(), 0, 1, 3, 10, x.stride(0), x.stride(1), y.data_ptr(), -100, stats.data_ptr())
     assert torch.equal(stats[:, 0, :2], torch.zeros(5, 2))
     out = torch.full_like(x, float("nan"))
-    _C.backward(x.data_ptr(), 0, 1, 3, 10, x.stride(0), x.stride(1), y.data_ptr(),
-                stats[1].data_ptr(), stats[2].data_ptr(), torch.ones(1).data_ptr(), -100, out.data_ptr(),
-                out.stride(0), out.stride(1))
+    _C.backward(
+        x.data_ptr(),
+        0,
+        1,
+        3,
+        10,
+        x.stride(0),
+        x.stride(1),
+        y.data_ptr(),
+        stats[1].data_ptr(),
+        stats[2].data_ptr(),
+        torch.ones(1).data_ptr(),
+        -100,
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+    )
     assert torch.equal(out[0, :2], torch.zeros(2, 10))
     assert torch.isfinite(out[0, 2]).all()
 

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 import pyfastpo
-
 from pyfastpo import backends
 from pyfastpo.backends import cuda_backend, reference
 
 BUILT = cuda_backend._cuda is not None
 REAL_RUNTIME_REASON = cuda_backend._runtime_reason
-needs_extension = pytest.mark.skipif(not BUILT, reason="pyfastpo.backends._cuda was not built (no nvcc at install time)")
+needs_extension = pytest.mark.skipif(
+    not BUILT, reason="pyfastpo.backends._cuda was not built (no nvcc at install time)"
+)
 
 
 @pytest.fixture
@@ -66,8 +67,13 @@ def test_missing_device_index_is_refused(fake_gpu):
 @needs_extension
 @pytest.mark.parametrize(
     "capability,name",
-    [((8, 0), "NVIDIA A100-SXM4-80GB"), ((8, 6), "NVIDIA GeForce RTX 3090"), ((8, 9), "NVIDIA L4"),
-     ((9, 0), "NVIDIA H100 80GB HBM3"), ((10, 0), "NVIDIA B200")],  # fmt: skip
+    [
+        ((8, 0), "NVIDIA A100-SXM4-80GB"),
+        ((8, 6), "NVIDIA GeForce RTX 3090"),
+        ((8, 9), "NVIDIA L4"),
+        ((9, 0), "NVIDIA H100 80GB HBM3"),
+        ((10, 0), "NVIDIA B200"),
+    ],
 )
 def test_ampere_and_newer_are_accepted(fake_gpu, capability, name):
     fake_gpu(capability, name)
@@ -137,8 +143,10 @@ def _nvcc_present() -> bool:
 def test_cuda_extension_built_and_clear_without_gpu():
     if os.environ.get("PYFASTPO_NO_CUDA"):
         pytest.skip("PYFASTPO_NO_CUDA is set: the CUDA extension was skipped on purpose")
-    from pyfastpo.backends import _cuda  # built whenever nvcc is present
-    from pyfastpo.backends import cuda_backend
+    from pyfastpo.backends import (
+        _cuda,  # built whenever nvcc is present
+        cuda_backend,
+    )
 
     if torch.cuda.is_available():
         assert _cuda.device_count() >= 1

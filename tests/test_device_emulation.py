@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyfastpo.backends import _C
-from pyfastpo.backends import cpp_backend
+from pyfastpo.backends import _C, cpp_backend
 
 EXP_LO = -87.33654  # PFPO_EXP_LO in csrc/logps_math.h
 UNROLL = 4  # kUnroll in csrc/cuda_logps.cu: 16-byte vectors per step of a thread
@@ -126,8 +125,16 @@ def test_device_forward_matches_host(name, threads, offset):
     assert dev[5] == (0.0 if exact else 1.0), "which pass finished the row"
 
 
-FAST_ROWS = ["random", "offset 1e6", "offset 1.6e7 (|c| near 1)", "offset -1.6e7", "long, 4-vector steps",
-             "shifts around the subnormal range", "masked -inf", "one logit -3e38 (x log2e overflows)"]  # fmt: skip
+FAST_ROWS = [
+    "random",
+    "offset 1e6",
+    "offset 1.6e7 (|c| near 1)",
+    "offset -1.6e7",
+    "long, 4-vector steps",
+    "shifts around the subnormal range",
+    "masked -inf",
+    "one logit -3e38 (x log2e overflows)",
+]
 
 
 @pytest.mark.parametrize("name", FAST_ROWS)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import IGNORE, backend_device_pairs, make_labels, make_logits, oracle
 
 import pyfastpo
-from helpers import IGNORE, backend_device_pairs, make_labels, make_logits, oracle
 
 N, T, V = 4, 6, 97
 
@@ -37,9 +37,17 @@ def test_matches_unfused_oracle(backend, device, loss_type):
     nc, nr = pol["num_tokens"].chunk(2)
     hc, hr = ref["entropy"].chunk(2)
     want = pyfastpo.preference_loss(
-        *tok.sum(1).chunk(2), *ref["logps"].chunk(2), loss_type=loss_type, beta=0.2, bcr_weight=0.1,
-        chosen_num_tokens=nc, rejected_num_tokens=nr, ref_chosen_entropy=hc, ref_rejected_entropy=hr, vocab_size=V,
-    )  # fmt: skip
+        *tok.sum(1).chunk(2),
+        *ref["logps"].chunk(2),
+        loss_type=loss_type,
+        beta=0.2,
+        bcr_weight=0.1,
+        chosen_num_tokens=nc,
+        rejected_num_tokens=nr,
+        ref_chosen_entropy=hc,
+        ref_rejected_entropy=hr,
+        vocab_size=V,
+    )
     want.loss.backward()
     torch.testing.assert_close(out.loss.double(), want.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(leaf.grad.double(), x.grad, rtol=1e-4, atol=1e-6)

@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
+from helpers import backend_device_pairs, make_labels, make_logits
 
 import pyfastpo
 from pyfastpo.backends import cpp_backend, get_backend, reference
-from helpers import backend_device_pairs, make_labels, make_logits
 
 BACKENDS = backend_device_pairs()
 KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -51,7 +51,9 @@ def test_second_order_raises_however_it_is_requested(backend, device):
         torch.autograd.functional.hessian(f, x)
     h = torch.randn(2, 3, 4, device=device, requires_grad=True)
     w = torch.randn(5, 4, device=device, requires_grad=True)
-    (gh,) = torch.autograd.grad(pyfastpo.sequence_logps(h @ w.t(), y, backend=backend).logps.sum(), h, create_graph=True)
+    (gh,) = torch.autograd.grad(
+        pyfastpo.sequence_logps(h @ w.t(), y, backend=backend).logps.sum(), h, create_graph=True
+    )
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(gh.pow(2).sum(), w)
 
@@ -175,7 +177,9 @@ def _one_process_mesh(tmp_path):
     return init_device_mesh("cpu", (dist.get_world_size(),))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"] + (["triton"] if "triton" in pyfastpo.available_backends("cpu") else []))
+@pytest.mark.parametrize(
+    "backend", ["cpp", "reference"] + (["triton"] if "triton" in pyfastpo.available_backends("cpu") else [])
+)
 def test_dtensor_is_refused_before_any_pointer(backend, tmp_path):
     """Before the fix, a DTensor reached the cpp backend's raw pointers: SIGSEGV."""
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -245,13 +249,17 @@ FUSED_BAD = [
     (lambda x, y: dict(loss_type="robust", label_smoothing=0.5), "label_smoothing"),
     (lambda x, y: dict(ref_chosen_logps=torch.zeros(2)), "both"),
     (lambda x, y: dict(ref_chosen_logps=torch.zeros(3), ref_rejected_logps=torch.zeros(3)), r"shape \[2\]"),
-    (lambda x, y: dict(loss_type="mallows_dpo", ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2)),
-     "entropies"),
+    (
+        lambda x, y: dict(loss_type="mallows_dpo", ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(2)),
+        "entropies",
+    ),
     (lambda x, y: dict(bcr_weight=-1.0), "bcr_weight"),
     (lambda x, y: dict(nll_weight=-1.0), "nll_weight"),
     (lambda x, y: dict(loss_type="focalpo", gamma=-0.5), "gamma"),
-    (lambda x, y: dict(loss_type="mallows_dpo", ref_logits=torch.randn(4, 5, 13), dispersion_scale=-0.29),
-     "dispersion_scale"),
+    (
+        lambda x, y: dict(loss_type="mallows_dpo", ref_logits=torch.randn(4, 5, 13), dispersion_scale=-0.29),
+        "dispersion_scale",
+    ),
     (lambda x, y: dict(label_smoothing=0.1), "no effect"),
     (lambda x, y: dict(simpo_gamma=1.0), "no effect"),
     (lambda x, y: dict(dispersion=torch.ones(3), loss_type="mallows_dpo"), r"shape \[2\]"),
@@ -265,8 +273,15 @@ FUSED_BAD = [
     (lambda x, y: dict(loss_type="mallows_dpo", dispersion=torch.full((2,), float("nan"))), "dispersion must lie"),
     (lambda x, y: dict(loss_type="ipo", chosen_num_tokens=torch.ones(2)), "computed"),
     (lambda x, y: dict(vocab_size=3), "computed"),
-    (lambda x, y: dict(loss_type="mallows_dpo", ref_logits=torch.randn(4, 5, 13), ref_chosen_entropy=torch.ones(2),
-                       ref_rejected_entropy=torch.ones(2)), "computed"),
+    (
+        lambda x, y: dict(
+            loss_type="mallows_dpo",
+            ref_logits=torch.randn(4, 5, 13),
+            ref_chosen_entropy=torch.ones(2),
+            ref_rejected_entropy=torch.ones(2),
+        ),
+        "computed",
+    ),
     (lambda x, y: dict(dispersion=torch.full((2,), 0.5)), "no effect"),
     (lambda x, y: dict(ref_chosen_entropy=torch.ones(2), ref_rejected_entropy=torch.ones(2)), "no effect"),
     (lambda x, y: dict(loss_type="focalpo", gamma=0.1, focal_gamma=0.7), "not both"),
@@ -275,8 +290,10 @@ FUSED_BAD = [
     (lambda x, y: dict(inplace_backward="no"), "inplace_backward must be True or False"),
     (lambda x, y: dict(beta=True), "beta"),
     (lambda x, y: dict(loss_type="exo_pair", label_smoothing=0.9), "label_smoothing"),
-    (lambda x, y: dict(ref_chosen_logps=torch.zeros(2, dtype=torch.bool), ref_rejected_logps=torch.zeros(2)),
-     "floating"),
+    (
+        lambda x, y: dict(ref_chosen_logps=torch.zeros(2, dtype=torch.bool), ref_rejected_logps=torch.zeros(2)),
+        "floating",
+    ),
     (lambda x, y: dict(ref_logits=torch._neg_view(torch.randn(4, 5, 13))), "negated"),
 ]
 
@@ -359,7 +376,9 @@ def test_mallows_phi_has_no_dpo_parent_but_its_uniform_limit_is_log2():
     where every pair costs log 2 whatever the margin."""
     c = torch.tensor([-10.0, -30.0, -5.0], dtype=torch.float64)
     r = torch.tensor([-20.0, -10.0, -5.0], dtype=torch.float64)
-    out = pyfastpo.preference_loss(c, r, loss_type="mallows_phi", dispersion=torch.full((3,), 1 - 1e-7, dtype=torch.float64))
+    out = pyfastpo.preference_loss(
+        c, r, loss_type="mallows_phi", dispersion=torch.full((3,), 1 - 1e-7, dtype=torch.float64)
+    )
     torch.testing.assert_close(out.losses, torch.full((3,), math.log(2), dtype=torch.float64), atol=1e-5, rtol=0)
 
 

@@ -51,7 +51,9 @@ def graph() -> dict:
 
 def test_no_module_imports_a_package_above_it():
     upward = [f"{name} -> {dep}" for name, deps in graph().items() for dep in deps if name.startswith(dep + ".")]
-    assert not upward, "imports of an enclosing package (import from the defining module instead):\n" + "\n".join(upward)
+    assert not upward, "imports of an enclosing package (import from the defining module instead):\n" + "\n".join(
+        upward
+    )
 
 
 def test_no_import_cycles():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import IGNORE, backend_device_pairs
 
 import pyfastpo
-from helpers import IGNORE, backend_device_pairs
 from pyfastpo.memory import peak_memory
 
 N, T, H, V = 4, 9, 16, 75
@@ -110,7 +110,9 @@ def test_no_bias_and_precomputed_reference():
 def test_separate_reference_head():
     hidden, ref_hidden, weight, bias, labels = make()
     ref_weight = weight + 0.05
-    out = pyfastpo.linear_preference_loss(hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    out = pyfastpo.linear_preference_loss(
+        hidden, weight, labels, bias=bias, ref_hidden=ref_hidden, ref_weight=ref_weight
+    )
     ref_logits = ref_hidden.double() @ ref_weight.double().t()  # ref_bias not given: no bias
     want = pyfastpo.sequence_logps(ref_logits, labels).logps
     torch.testing.assert_close(out.reference.logps.double(), want, rtol=1e-5, atol=1e-5)

@@ -79,10 +79,14 @@ def expected(loss_type, x):
         "nca_pair": lambda: -ls(BETA * dc) - 0.5 * ls(-BETA * dc) - 0.5 * ls(-BETA * dr),
         "bco_pair": lambda: -ls(BETA * dc) - ls(-BETA * dr),
         "sppo_hard": lambda: (dc - 1 / (2 * BETA)) ** 2 + (dr + 1 / (2 * BETA)) ** 2,
-        "aot": lambda: (1 - EPS) * -ls(BETA * (torch.sort(c - r).values - torch.sort(rc - rr).values))
-        + EPS * -ls(-BETA * (torch.sort(c - r).values - torch.sort(rc - rr).values)),
-        "aot_unpaired": lambda: (1 - EPS) * -ls(BETA * (torch.sort(dc).values - torch.sort(dr).values))
-        + EPS * -ls(-BETA * (torch.sort(dc).values - torch.sort(dr).values)),
+        "aot": lambda: (
+            (1 - EPS) * -ls(BETA * (torch.sort(c - r).values - torch.sort(rc - rr).values))
+            + EPS * -ls(-BETA * (torch.sort(c - r).values - torch.sort(rc - rr).values))
+        ),
+        "aot_unpaired": lambda: (
+            (1 - EPS) * -ls(BETA * (torch.sort(dc).values - torch.sort(dr).values))
+            + EPS * -ls(-BETA * (torch.sort(dc).values - torch.sort(dr).values))
+        ),
         "apo_zero": lambda: (1 - sig(BETA * dc)) + sig(BETA * dr),
         "apo_down": lambda: sig(BETA * dc) + (1 - sig(BETA * (dc - dr))),
         "discopop": lambda: -ls(h) * (1 - sig(h / TAU)) + torch.exp(-h) * sig(h / TAU),
@@ -190,7 +194,11 @@ def brute_force_pairwise(n_items: int, d: int, phi: float) -> float:
 @pytest.mark.parametrize("phi", [0.2, 0.7])
 def test_mallows_phi_matches_enumerated_mallows_kendall(d, phi):
     want = brute_force_pairwise(6, d, phi)
-    got = mallows_kendall_log_prob(torch.tensor([float(d)], dtype=torch.float64), torch.tensor(phi, dtype=torch.float64)).exp().item()
+    got = (
+        mallows_kendall_log_prob(torch.tensor([float(d)], dtype=torch.float64), torch.tensor(phi, dtype=torch.float64))
+        .exp()
+        .item()
+    )
     assert got == pytest.approx(want, rel=1e-9)
 
 
@@ -277,7 +285,9 @@ def test_metrics_match_trl_definitions():
 def test_reference_free_defaults_to_zero():
     x = batch(8)
     a = pyfastpo.preference_loss(x["c"], x["r"], beta=BETA)
-    b = pyfastpo.preference_loss(x["c"], x["r"], torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64), beta=BETA)
+    b = pyfastpo.preference_loss(
+        x["c"], x["r"], torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64), beta=BETA
+    )
     torch.testing.assert_close(a.losses, b.losses)
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import EXPECTED_BACKENDS, IGNORE, grad_tolerances, make_logits, oracle, run, tolerances
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfastpo
 from pyfastpo.losses.options import USED_BY
-from helpers import EXPECTED_BACKENDS, IGNORE, grad_tolerances, make_logits, oracle, run, tolerances
 
 
 @pytest.mark.parametrize("backend", EXPECTED_BACKENDS["cpu"])
@@ -52,8 +52,11 @@ def test_sigmoid_family_identities(margin, beta):
     c = torch.tensor(margin, dtype=torch.float64)
     r = torch.zeros_like(c)
     dpo = pyfastpo.preference_loss(c, r, beta=beta).losses
-    for kw in (dict(loss_type="robust"), dict(loss_type="focalpo", focal_gamma=0.0),
-               dict(loss_type="mallows_dpo", dispersion=torch.full_like(c, torch.e**-1))):  # fmt: skip
+    for kw in (
+        dict(loss_type="robust"),
+        dict(loss_type="focalpo", focal_gamma=0.0),
+        dict(loss_type="mallows_dpo", dispersion=torch.full_like(c, torch.e**-1)),
+    ):
         torch.testing.assert_close(pyfastpo.preference_loss(c, r, beta=beta, **kw).losses, dpo)
     counts = torch.full_like(c, 3)
     for loss_type in pyfastpo.LOSS_TYPES:

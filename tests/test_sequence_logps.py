@@ -6,8 +6,6 @@ import itertools
 
 import pytest
 import torch
-
-import pyfastpo
 from helpers import (
     EXPECTED_BACKENDS,
     IGNORE,
@@ -19,6 +17,8 @@ from helpers import (
     run,
     tolerances,
 )
+
+import pyfastpo
 
 BACKENDS = backend_device_pairs()
 SHAPES = [(2, 3, 1), (2, 5, 33), (4, 3, 4099), (2, 6, 300)]
@@ -45,7 +45,7 @@ def check_against_oracle(backend, device, shape, dtype, layout, ignore, scale=3.
     assert out.logps.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.equal(out.num_tokens.cpu(), ref["num_tokens"].cpu())
     for key in ("logps", "entropy", "mean_logits"):
-        torch.testing.assert_close(getattr(out, key).double(), ref[key], **tol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(getattr(out, key).double(), ref[key], **tol, msg=lambda m, key=key: f"{key}: {m}")
     assert grad.dtype == dtype
     torch.testing.assert_close(grad.double(), ref["grad"], **grad_tolerances(dtype))
     if ignore == "all_ignored_row":

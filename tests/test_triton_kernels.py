@@ -238,9 +238,7 @@ def test_public_api_matches_reference(dtype, inplace):
     for backend in ("triton", "reference"):
         x = leaf.detach().clone().requires_grad_(True)
         logits = x * 1.0  # non-leaf, so inplace_backward actually applies
-        out = pyfastpo.sequence_logps(
-            logits, labels, backend=backend, return_entropy=True, inplace_backward=inplace
-        )
+        out = pyfastpo.sequence_logps(logits, labels, backend=backend, return_entropy=True, inplace_backward=inplace)
         (out.logps * weights).sum().backward()
         results[backend] = (out, x.grad)
     (got, got_grad), (want, want_grad) = results["triton"], results["reference"]

@@ -29,9 +29,20 @@ transformers.logging.set_verbosity_error()
 
 # Every metric trl 1.13's DPOTrainer logs on this (dense, non-MoE) model.
 TRL_METRICS = [
-    "loss", "grad_norm", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "mean_token_accuracy",
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
-]  # fmt: skip
+    "loss",
+    "grad_norm",
+    "entropy",
+    "num_tokens",
+    "logits/chosen",
+    "logits/rejected",
+    "mean_token_accuracy",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
 RTOL = 1e-4
 ATOL = 1e-6  # rewards are differences of ~ -30 log-probs: float32 rounding alone is ~1e-7 absolute there
 # Parity runs use a moderate learning rate: step-1 gradients agree to float32 rounding (~1e-6 of their max), but
@@ -128,13 +139,20 @@ def test_precomputed_reference_matches_dpo_trainer(tokenizer, sft_model, data, t
 def test_mallows_with_precomputed_entropies_matches_live_reference(tokenizer, sft_model, data, tmp_path):
     args = dict(PARITY, loss_type="mallows_dpo", max_steps=3)
     live = train(
-        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(FastDPOConfig, tmp_path, **args),
+        FastDPOTrainer,
+        copy.deepcopy(sft_model),
+        tokenizer,
+        data,
+        config(FastDPOConfig, tmp_path, **args),
         ref_model=copy.deepcopy(sft_model),
-    )  # fmt: skip
+    )
     pre = train(
-        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data,
+        FastDPOTrainer,
+        copy.deepcopy(sft_model),
+        tokenizer,
+        data,
         config(FastDPOConfig, tmp_path, precompute_ref_log_probs=True, **args),
-    )  # fmt: skip
+    )
     assert_same_run(live, pre, keys=TRL_METRICS + ["mallows/dispersion"])
     phi = step_logs(pre)[0]["mallows/dispersion"]
     assert 0 < phi < 1
@@ -144,16 +162,22 @@ def test_peft_matches_dpo_trainer(tokenizer, sft_model, data, tmp_path):
     from peft import LoraConfig
 
     def lora():
-        return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        )
 
     args = dict(max_steps=4, learning_rate=3e-3)  # LoRA: few, small parameters
     want = train(
         DPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(DPOConfig, tmp_path, **args), peft_config=lora()
     )
     got = train(
-        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(FastDPOConfig, tmp_path, **args),
+        FastDPOTrainer,
+        copy.deepcopy(sft_model),
+        tokenizer,
+        data,
+        config(FastDPOConfig, tmp_path, **args),
         peft_config=lora(),
-    )  # fmt: skip
+    )
     assert got.ref_model is None  # the reference is the base model, adapter disabled
     assert_same_run(want, got)
     assert step_logs(got)[-1]["rewards/margins"] != 0
@@ -163,9 +187,13 @@ def test_peft_matches_dpo_trainer(tokenizer, sft_model, data, tmp_path):
 def test_new_loss_types_train(loss_type, tokenizer, sft_model, data, tmp_path):
     args = config(FastDPOConfig, tmp_path, loss_type=loss_type, max_steps=24, per_device_eval_batch_size=32)
     trainer = FastDPOTrainer(
-        model=copy.deepcopy(sft_model), ref_model=copy.deepcopy(sft_model), args=args,
-        train_dataset=data, eval_dataset=data, processing_class=tokenizer,
-    )  # fmt: skip
+        model=copy.deepcopy(sft_model),
+        ref_model=copy.deepcopy(sft_model),
+        args=args,
+        train_dataset=data,
+        eval_dataset=data,
+        processing_class=tokenizer,
+    )
     trainer.remove_callback(PrinterCallback)
     before = trainer.evaluate()
     trainer.train()
@@ -180,12 +208,15 @@ def test_new_loss_types_train(loss_type, tokenizer, sft_model, data, tmp_path):
 
 def test_multiple_loss_types_with_weights_and_bcr(tokenizer, sft_model, data, tmp_path):
     args = config(
-        FastDPOConfig, tmp_path, loss_type=["sigmoid", "mallows_dpo"], loss_weights=[0.5, 1.0],
-        bcr_weight=0.1, bcr_budget=0.0, max_steps=3,
-    )  # fmt: skip
-    trainer = train(
-        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model)
+        FastDPOConfig,
+        tmp_path,
+        loss_type=["sigmoid", "mallows_dpo"],
+        loss_weights=[0.5, 1.0],
+        bcr_weight=0.1,
+        bcr_budget=0.0,
+        max_steps=3,
     )
+    trainer = train(FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model))
     first = step_logs(trainer)[0]
     # Step 1: policy == reference, so each loss is log 2 and BCR is 0.
     assert first["loss"] == pytest.approx(1.5 * math.log(2), rel=1e-6)
@@ -195,9 +226,13 @@ def test_multiple_loss_types_with_weights_and_bcr(tokenizer, sft_model, data, tm
 
 def test_plain_dpo_config_is_accepted(tokenizer, sft_model, data, tmp_path):
     trainer = train(
-        FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, config(DPOConfig, tmp_path, max_steps=1),
+        FastDPOTrainer,
+        copy.deepcopy(sft_model),
+        tokenizer,
+        data,
+        config(DPOConfig, tmp_path, max_steps=1),
         ref_model=copy.deepcopy(sft_model),
-    )  # fmt: skip
+    )
     assert step_logs(trainer)[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)
 
 
@@ -216,9 +251,12 @@ def test_unsupported_option_raises(option, tokenizer, sft_model, data, tmp_path)
     with pytest.raises(ValueError, match=option):
         args = config(FastDPOConfig, tmp_path, **UNSUPPORTED[option])
         FastDPOTrainer(
-            model=copy.deepcopy(sft_model), ref_model=copy.deepcopy(sft_model), args=args,
-            train_dataset=data, processing_class=tokenizer,
-        )  # fmt: skip
+            model=copy.deepcopy(sft_model),
+            ref_model=copy.deepcopy(sft_model),
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
 
 
 @pytest.mark.parametrize(
@@ -231,9 +269,12 @@ def test_fused_linear_refuses_models_with_transformed_logits(attr, value, tokeni
     setattr(model.config, attr, value)
     with pytest.raises(ValueError, match=attr):
         FastDPOTrainer(
-            model=model, ref_model=copy.deepcopy(sft_model), args=config(FastDPOConfig, tmp_path, use_fused_linear=True),
-            train_dataset=data, processing_class=tokenizer,
-        )  # fmt: skip
+            model=model,
+            ref_model=copy.deepcopy(sft_model),
+            args=config(FastDPOConfig, tmp_path, use_fused_linear=True),
+            train_dataset=data,
+            processing_class=tokenizer,
+        )
 
 
 @pytest.mark.parametrize(
@@ -294,9 +335,13 @@ def test_fused_linear_matches_logits_path(loss_type, precompute, tokenizer, sft_
     runs = []
     for fused in (False, True):
         args = config(
-            FastDPOConfig, tmp_path, **dict(PARITY, max_steps=3), loss_type=loss_type, use_fused_linear=fused,
+            FastDPOConfig,
+            tmp_path,
+            **dict(PARITY, max_steps=3),
+            loss_type=loss_type,
+            use_fused_linear=fused,
             precompute_ref_log_probs=precompute,
-        )  # fmt: skip
+        )
         ref = None if precompute else copy.deepcopy(sft_model)
         runs.append(train(FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=ref))
     keys = [k for k in TRL_METRICS if k not in ("entropy", "mean_token_accuracy")]  # not computed without logits

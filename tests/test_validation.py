@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import IGNORE, make_labels, make_logits
 
 import pyfastpo
-from helpers import IGNORE, make_labels, make_logits
 
 
 def logits_labels(n=2, t=3, v=11):

@@ -29,10 +29,8 @@ _MODULES = {
 _HOW_TO_GET = {
     "triton": "install it with `pip install pyfastpo[triton]`; on a CPU it runs only "
     "under the interpreter (TRITON_INTERPRET=1 set before triton is imported)",
-    "cuda": "reinstall pyfastpo with nvcc on PATH (`pip install --no-build-isolation -e .`) "
-    "and run on a CUDA GPU",
-    "cpp": "reinstall pyfastpo with a C++ compiler present (`pip install -e .`); "
-    "it runs on CPU tensors",
+    "cuda": "reinstall pyfastpo with nvcc on PATH (`pip install --no-build-isolation -e .`) and run on a CUDA GPU",
+    "cpp": "reinstall pyfastpo with a C++ compiler present (`pip install -e .`); it runs on CPU tensors",
 }
 
 # On each device, the order ``backend="auto"`` tries.

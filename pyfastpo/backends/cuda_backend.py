@@ -2,7 +2,8 @@
 
 Thin wrapper over the pybind11 extension ``pyfastpo.backends._cuda`` (arguments:
 :mod:`pyfastpo.backends.native`, plus the current torch stream; the extension links
-the CUDA runtime statically). It is built only when nvcc was present at install time. See :mod:`pyfastpo.backends.base` for the contract.
+the CUDA runtime statically). It is built only when nvcc was present at install time.
+See :mod:`pyfastpo.backends.base` for the contract.
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ def _capability_reason(device: torch.device) -> str | None:
     if (major, minor) >= MIN_CAPABILITY:
         return None
     need = ".".join(map(str, MIN_CAPABILITY))
-    return (f"the CUDA kernels are built for compute capability {need} and newer (sm_80, sm_90 + PTX); "
-            f"cuda:{index} is {major}.{minor} ({torch.cuda.get_device_name(index)}); "
-            "use backend='triton' or 'reference'")
+    return (
+        f"the CUDA kernels are built for compute capability {need} and newer (sm_80, sm_90 + PTX); "
+        f"cuda:{index} is {major}.{minor} ({torch.cuda.get_device_name(index)}); "
+        "use backend='triton' or 'reference'"
+    )
 
 
 def _device_and_stream(t: torch.Tensor) -> tuple[int, int]:

@@ -42,9 +42,17 @@ def forward_args(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, 
     contiguous float32 ``out [NUM_STATS, N, T]``."""
     n, t, v = logits.shape
     return (
-        logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
-        labels.data_ptr(), int(ignore_index), out.data_ptr(),
-    )  # fmt: skip
+        logits.data_ptr(),
+        dtype_code(logits.dtype),
+        n,
+        t,
+        v,
+        logits.stride(0),
+        logits.stride(1),
+        labels.data_ptr(),
+        int(ignore_index),
+        out.data_ptr(),
+    )
 
 
 def backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out) -> tuple:
@@ -56,10 +64,22 @@ def backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, ou
             raise ValueError(f"{what} must be a contiguous float32 tensor, got {x.dtype} strides {x.stride()}")
     n, t, v = logits.shape
     return (
-        logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1),
-        labels.data_ptr(), row_max.data_ptr(), log_sum.data_ptr(), grad_scale.data_ptr(), int(ignore_index),
-        out.data_ptr(), out.stride(0), out.stride(1),
-    )  # fmt: skip
+        logits.data_ptr(),
+        dtype_code(logits.dtype),
+        n,
+        t,
+        v,
+        logits.stride(0),
+        logits.stride(1),
+        labels.data_ptr(),
+        row_max.data_ptr(),
+        log_sum.data_ptr(),
+        grad_scale.data_ptr(),
+        int(ignore_index),
+        out.data_ptr(),
+        out.stride(0),
+        out.stride(1),
+    )
 
 
 def run_forward(call, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:

@@ -72,7 +72,7 @@ class KernelCode:
     def loops(self) -> list:
         """Every loop (backward branch), innermost first."""
         found = []
-        for i, ins in enumerate(self.sass):
+        for ins in self.sass:
             if ins.op.startswith("BRA"):
                 target = re.search(r"0x([0-9a-f]+)", ins.operands)
                 if target and int(target.group(1), 16) <= ins.addr:
@@ -115,7 +115,9 @@ def parse_cubin(cubin: Path) -> dict:
     tool = cuobjdump()
     usage = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     resources = {}
-    for name, regs, stack, local in re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage):
+    for name, regs, stack, local in re.findall(
+        r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage
+    ):
         resources[name] = (int(regs), int(stack) + int(local))
     sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     kernels = {}
@@ -132,13 +134,24 @@ def compile_cuda(arch: int = 90, source: Path = ROOT / "csrc" / "cuda_logps.cu")
     nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
-        cmd = [nvcc, "-O3", "-std=c++17", f"-arch=sm_{arch}", "-cubin", f"-I{source.parent}", str(source), "-o", str(cubin)]
+        cmd = [
+            nvcc,
+            "-O3",
+            "-std=c++17",
+            f"-arch=sm_{arch}",
+            "-cubin",
+            f"-I{source.parent}",
+            str(source),
+            "-o",
+            str(cubin),
+        ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         return parse_cubin(cubin)
 
 
-def compile_triton(fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90,
-                   divisible: tuple = ()) -> KernelCode:
+def compile_triton(
+    fn, signature: dict, constexprs: dict, num_warps: int, arch: int = 90, divisible: tuple = ()
+) -> KernelCode:
     """Compile one Triton kernel for ``sm_<arch>`` without a GPU; its KernelCode.
 
     ``divisible``: argument names the launch would find divisible by 16 (pointers
@@ -187,18 +200,42 @@ def triton_kernels(arch: int = 90, vocab: int = 128256) -> dict:
     out = {}
     for dtype in ELEM_BYTES:
         block, warps = launch_config(vocab, torch_dtype[dtype])
-        fwd = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": "*fp32", "max_ptr": "*fp32",
-               "log_sum_ptr": "*fp32", "entropy_ptr": "*fp32", "sum_logits_ptr": "*fp32", **common,
-               "ignore_index": "i64", "BLOCK_V": "constexpr", "VEC": "constexpr"}  # fmt: skip
-        bwd = {"logits_ptr": f"*{dtype}", "labels_ptr": "*i64", "max_ptr": "*fp32", "log_sum_ptr": "*fp32",
-               "grad_scale_ptr": "*fp32", "out_ptr": f"*{dtype}", **common, "out_stride_n": "i64",
-               "out_stride_t": "i64", "ignore_index": "i64", "BLOCK_V": "constexpr"}  # fmt: skip
+        fwd = {
+            "logits_ptr": f"*{dtype}",
+            "labels_ptr": "*i64",
+            "logp_ptr": "*fp32",
+            "max_ptr": "*fp32",
+            "log_sum_ptr": "*fp32",
+            "entropy_ptr": "*fp32",
+            "sum_logits_ptr": "*fp32",
+            **common,
+            "ignore_index": "i64",
+            "BLOCK_V": "constexpr",
+            "VEC": "constexpr",
+        }
+        bwd = {
+            "logits_ptr": f"*{dtype}",
+            "labels_ptr": "*i64",
+            "max_ptr": "*fp32",
+            "log_sum_ptr": "*fp32",
+            "grad_scale_ptr": "*fp32",
+            "out_ptr": f"*{dtype}",
+            **common,
+            "out_stride_n": "i64",
+            "out_stride_t": "i64",
+            "ignore_index": "i64",
+            "BLOCK_V": "constexpr",
+        }
         # As launched on contiguous logits with V = 128256 (a multiple of 16): aligned
         # pointers, V and the strides divisible by 16 (T too, in the usual case).
         aligned = tuple(k for k, v in fwd.items() if v.startswith("*") or k in ("T", "V", "stride_n", "stride_t"))
         out[f"forward<{dtype}>"] = compile_triton(
-            logps_forward._logps_forward_kernel, fwd, {"BLOCK_V": block, "VEC": min(block, 16 // ELEM_BYTES[dtype])},
-            warps, arch, aligned,
+            logps_forward._logps_forward_kernel,
+            fwd,
+            {"BLOCK_V": block, "VEC": min(block, 16 // ELEM_BYTES[dtype])},
+            warps,
+            arch,
+            aligned,
         )
         aligned = tuple(k for k, v in bwd.items() if v.startswith("*") or k in ("T", "V") or "stride" in k)
         out[f"backward<{dtype}>"] = compile_triton(
@@ -210,8 +247,13 @@ def triton_kernels(arch: int = 90, vocab: int = 128256) -> dict:
 def _row(backend: str, name: str, code: KernelCode) -> dict:
     dtype = re.search(r"<(\w+)", name).group(1)
     per_element = code.instructions_per_element(ELEM_BYTES[dtype])
-    return {"backend": backend, "kernel": name, "registers": code.registers, "local_bytes": code.local_bytes,
-            "per_element": None if per_element is None else round(per_element, 3)}  # fmt: skip
+    return {
+        "backend": backend,
+        "kernel": name,
+        "registers": code.registers,
+        "local_bytes": code.local_bytes,
+        "per_element": None if per_element is None else round(per_element, 3),
+    }
 
 
 def report(arch: int = 90) -> list:
@@ -220,9 +262,14 @@ def report(arch: int = 90) -> list:
     import json
     import sys
 
-    rows = [_row("cuda", short_name(n), c) for n, c in sorted(compile_cuda(arch).items(), key=lambda kv: short_name(kv[0]))]
+    rows = [
+        _row("cuda", short_name(n), c) for n, c in sorted(compile_cuda(arch).items(), key=lambda kv: short_name(kv[0]))
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import json; from pyfastpo.bench import aot; print(json.dumps([aot._row('triton', n, c) for n, c in aot.triton_kernels({arch}).items()]))"
+    code = (
+        "import json; from pyfastpo.bench import aot; "
+        f"print(json.dumps([aot._row('triton', n, c) for n, c in aot.triton_kernels({arch}).items()]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return rows + json.loads(proc.stdout.strip().splitlines()[-1])
 

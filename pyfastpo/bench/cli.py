@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-from . import contenders
+from . import contenders, environment, measure
 from .case import Case
-from . import environment, measure
 from .data import parse_sizes
 
 DEFAULTS = {
@@ -28,8 +27,12 @@ DEFAULTS = {
     ("cpu", True): ("2x32x4096,2x64x4096,2x64x8192", 128, 3, 1),
     ("cpu", False): ("4x64x32000,4x128x32000,4x256x32000,4x128x128256", 512, 5, 1),
     ("cuda", True): ("4x256x32000,4x512x32000,4x512x128256", 1024, 10, 2),
-    ("cuda", False): ("8x512x128256,8x1024x128256,8x2048x128256,8x4096x128256,"
-                      "8x1024x32000,8x1024x151936,8x1024x262144", 4096, 20, 3),  # fmt: skip
+    ("cuda", False): (
+        "8x512x128256,8x1024x128256,8x2048x128256,8x4096x128256,8x1024x32000,8x1024x151936,8x1024x262144",
+        4096,
+        20,
+        3,
+    ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 BENCH_EXTRA = "bench"
@@ -57,8 +60,10 @@ def missing_extra() -> str | None:
             first_error = first_error or contenders.first_line(err)
     if not missing:
         return None
-    return (f"pyfastpo-bench: error: it needs {' and '.join(missing)}, which cannot be imported here "
-            f"({first_error}); install the '{BENCH_EXTRA}' extra: pip install 'pyfastpo[{BENCH_EXTRA}]'")
+    return (
+        f"pyfastpo-bench: error: it needs {' and '.join(missing)}, which cannot be imported here "
+        f"({first_error}); install the '{BENCH_EXTRA}' extra: pip install 'pyfastpo[{BENCH_EXTRA}]'"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,23 +74,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute on a CPU)")
-    p.add_argument("--out", help="directory for results.md, results.json and plots "
-                   f"(default: {OUT_ROOT}/<device>-<YYYY-MM-DD>)")  # fmt: skip
-    p.add_argument("--sizes", nargs="+", metavar="NxTxV[xH]",
-                   help="sizes to run, comma- or space-separated, e.g. 8x256x32000 (H: the linear path's hidden "
-                   "width; default --hidden); default: a sweep per device, smaller with --quick")  # fmt: skip
+    p.add_argument(
+        "--out", help=f"directory for results.md, results.json and plots (default: {OUT_ROOT}/<device>-<YYYY-MM-DD>)"
+    )
+    p.add_argument(
+        "--sizes",
+        nargs="+",
+        metavar="NxTxV[xH]",
+        help="sizes to run, comma- or space-separated, e.g. 8x256x32000 (H: the linear path's hidden "
+        "width; default --hidden); default: a sweep per device, smaller with --quick",
+    )
     p.add_argument("--hidden", type=int, help="hidden width H of the linear path when a size gives none")
-    p.add_argument("--dtype", choices=list(DTYPES), help="logits / hidden dtype (default: bfloat16 on cuda, "
-                   "float32 on cpu)")  # fmt: skip
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), help="logits / hidden dtype (default: bfloat16 on cuda, float32 on cpu)"
+    )
     p.add_argument("--path", choices=["logits", "linear", "both"], default="both")
-    p.add_argument("--baselines", default="all", help="comma-separated subset of "
-                   f"{','.join(contenders.BASELINE_GROUPS)}, or all / none (default all)")  # fmt: skip
-    p.add_argument("--backends", help="comma-separated pyfastpo backends to run (default: all available; "
-                   "reference always runs: it is the oracle)")  # fmt: skip
+    p.add_argument(
+        "--baselines",
+        default="all",
+        help=f"comma-separated subset of {','.join(contenders.BASELINE_GROUPS)}, or all / none (default all)",
+    )
+    p.add_argument(
+        "--backends",
+        help="comma-separated pyfastpo backends to run (default: all available; "
+        "reference always runs: it is the oracle)",
+    )
     p.add_argument("--repeats", type=int, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, help="untimed runs before the timed ones")
-    p.add_argument("--include-interpreted", action="store_true",
-                   help="on a CPU, also run triton under its (very slow) interpreter")  # fmt: skip
+    p.add_argument(
+        "--include-interpreted", action="store_true", help="on a CPU, also run triton under its (very slow) interpreter"
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,9 +137,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _row(path, size, contender, valid) -> dict:
-    return {"path": path, "contender": contender.name, "size": size.label(path), "n": size.n, "t": size.t,
-            "v": size.v, "h": size.h if path == "linear" else None, "valid_tokens": valid, "status": "ok",
-            "error": "", "oracle": contender.oracle, "note": contender.note}  # fmt: skip
+    return {
+        "path": path,
+        "contender": contender.name,
+        "size": size.label(path),
+        "n": size.n,
+        "t": size.t,
+        "v": size.v,
+        "h": size.h if path == "linear" else None,
+        "valid_tokens": valid,
+        "status": "ok",
+        "error": "",
+        "oracle": contender.oracle,
+        "note": contender.note,
+    }
 
 
 def measure_contender(case: Case, contender, op, reference, args, device, dtype, copy_bw) -> tuple[dict, tuple]:
@@ -141,15 +170,24 @@ def measure_contender(case: Case, contender, op, reference, args, device, dtype,
     row["peak_bytes"] = measure.peak_fwd_bwd(prepare, forward, backward, device)
     if case.path == "logits":
         fwd_b, bwd_b = measure.logits_bytes(case.size, case.valid, case.element_size)
-        row.update(bytes_fwd=fwd_b, bytes_bwd=bwd_b, throughput_unit="GB/s",
-                   throughput=(fwd_b + bwd_b) / (timing.total_ms / 1e3) / 1e9,
-                   throughput_fwd=fwd_b / (timing.fwd_ms / 1e3) / 1e9,
-                   throughput_bwd=bwd_b / (timing.bwd_ms / 1e3) / 1e9)  # fmt: skip
+        row.update(
+            bytes_fwd=fwd_b,
+            bytes_bwd=bwd_b,
+            throughput_unit="GB/s",
+            throughput=(fwd_b + bwd_b) / (timing.total_ms / 1e3) / 1e9,
+            throughput_fwd=fwd_b / (timing.fwd_ms / 1e3) / 1e9,
+            throughput_bwd=bwd_b / (timing.bwd_ms / 1e3) / 1e9,
+        )
         row["copy_fraction"] = row["throughput"] / (copy_bw / 1e9) if copy_bw else None
     else:
         fwd_f, bwd_f = measure.linear_flops(case.size, case.valid)
-        row.update(flops_fwd=fwd_f, flops_bwd=bwd_f, throughput_unit="TFLOP/s",
-                   throughput=(fwd_f + bwd_f) / (timing.total_ms / 1e3) / 1e12, copy_fraction=None)  # fmt: skip
+        row.update(
+            flops_fwd=fwd_f,
+            flops_bwd=bwd_f,
+            throughput_unit="TFLOP/s",
+            throughput=(fwd_f + bwd_f) / (timing.total_ms / 1e3) / 1e12,
+            copy_fraction=None,
+        )
     return row, result
 
 
@@ -169,8 +207,14 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
     options = contenders.Options(args.baseline_set, args.backend_set, args.include_interpreted)
     paths = ["logits", "linear"] if args.path == "both" else [args.path]
     meta = environment.describe(device, argv)
-    meta.update(dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, paths=paths,
-                sizes=[s.label("linear") for s in args.size_list], sources={})  # fmt: skip
+    meta.update(
+        dtype=args.dtype,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        paths=paths,
+        sizes=[s.label("linear") for s in args.size_list],
+        sources={},
+    )
     copy_bytes = (1 << 30) if device.type == "cuda" else (64 << 20 if args.quick else 256 << 20)
     copy_bw = measure.copy_bandwidth(device, copy_bytes)
     meta.update(copy_bandwidth_gbs=copy_bw / 1e9, copy_bytes=copy_bytes)
@@ -207,7 +251,9 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     if c.skip_on_failure and not any(r["contender"] == c.name for r in rows + size_rows):
-                        skipped.append({"path": path, "contender": c.name, "reason": f"failed: {contenders.first_line(err)}"})
+                        skipped.append(
+                            {"path": path, "contender": c.name, "reason": f"failed: {contenders.first_line(err)}"}
+                        )
                         runnable[path].remove((c, op))
                         bar.total -= len(args.size_list)
                         bar.refresh()

@@ -19,8 +19,8 @@ cut-cross-entropy) happen inside ``build``.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -79,8 +79,10 @@ def _check_backend(name: str, device: torch.device, dtype: torch.dtype, options:
     if options.backends is not None and name not in options.backends:
         raise Skip(f"not selected (--backends {','.join(sorted(options.backends))})")
     if name == "triton" and device.type == "cpu" and not options.include_interpreted:
-        raise Skip("on a CPU triton runs only under its interpreter (TRITON_INTERPRET=1), far too slow to "
-                   "time; pass --include-interpreted to run it anyway")  # fmt: skip
+        raise Skip(
+            "on a CPU triton runs only under its interpreter (TRITON_INTERPRET=1), far too slow to "
+            "time; pass --include-interpreted to run it anyway"
+        )
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise Skip(f"backend unavailable on {device.type}: {reason}")
@@ -195,8 +197,9 @@ def _import(module: str, pip_name: str):
 def _build_liger(device, dtype, options):
     _need("liger", options)
     mod = _import("liger_kernel.chunked_loss", "liger-kernel")
-    loss_fn = mod.LigerFusedLinearDPOLoss(beta=BETA, use_ref_model=False, average_log_prob=False,
-                                          loss_type="sigmoid", ignore_index=IGNORE)  # fmt: skip
+    loss_fn = mod.LigerFusedLinearDPOLoss(
+        beta=BETA, use_ref_model=False, average_log_prob=False, loss_type="sigmoid", ignore_index=IGNORE
+    )
 
     def op(hidden, weight, labels):
         loss, aux = loss_fn(weight, hidden, labels)  # note Liger's argument order: (lin_weight, _input, target)
@@ -219,8 +222,10 @@ def _build_cce(device, dtype, options):
         logps = -(nll @ nll.new_ones(nll.shape[-1]))
         return preference_loss(*logps.chunk(2), loss_type="sigmoid", beta=BETA).loss, logps
 
-    return op, (f"cut-cross-entropy {dist_version('cut-cross-entropy')} linear_cross_entropy(reduction='none'), "
-                "then pyfastpo.preference_loss")  # fmt: skip
+    return op, (
+        f"cut-cross-entropy {dist_version('cut-cross-entropy')} linear_cross_entropy(reduction='none'), "
+        "then pyfastpo.preference_loss"
+    )
 
 
 def first_line(err: BaseException) -> str:
@@ -236,24 +241,63 @@ def registry() -> list[Contender]:
     backends = ["reference"] + [b for b in BACKENDS if b != "reference"]
     out = []
     for b in backends:
-        out.append(Contender(f"pyfastpo[{b}]", "logits", "pyfastpo", f"pyfastpo.sequence_logps(backend={b!r})",
-                             _pyfastpo_logits(b), oracle=b == "reference"))  # fmt: skip
+        out.append(
+            Contender(
+                f"pyfastpo[{b}]",
+                "logits",
+                "pyfastpo",
+                f"pyfastpo.sequence_logps(backend={b!r})",
+                _pyfastpo_logits(b),
+                oracle=b == "reference",
+            )
+        )
     out += [
         Contender("trl-way", "logits", "trl", BASELINE_GROUPS["trl"], _build_trl, baseline=True),
-        Contender("trl-way+compile", "logits", "compile", BASELINE_GROUPS["compile"], _build_trl_compiled,
-                  skip_on_failure=True),  # fmt: skip
+        Contender(
+            "trl-way+compile",
+            "logits",
+            "compile",
+            BASELINE_GROUPS["compile"],
+            _build_trl_compiled,
+            skip_on_failure=True,
+        ),
         Contender("log_softmax+gather", "logits", "logsoftmax", BASELINE_GROUPS["logsoftmax"], _build_logsoftmax),
     ]
     for b in backends:
-        out.append(Contender(f"pyfastpo-linear[{b}]", "linear", "pyfastpo",
-                             f"pyfastpo.linear_preference_loss(backend={b!r})", _pyfastpo_linear(b),
-                             oracle=b == "reference"))  # fmt: skip
+        out.append(
+            Contender(
+                f"pyfastpo-linear[{b}]",
+                "linear",
+                "pyfastpo",
+                f"pyfastpo.linear_preference_loss(backend={b!r})",
+                _pyfastpo_linear(b),
+                oracle=b == "reference",
+            )
+        )
     out += [
-        Contender("materialized", "linear", "materialized", BASELINE_GROUPS["materialized"], _build_materialized,
-                  baseline=True),  # fmt: skip
-        Contender("liger", "linear", "liger", BASELINE_GROUPS["liger"], _build_liger,
-                  note="computes the gradients inside its forward; its bwd is only their hand-off"),  # fmt: skip
-        Contender("cce", "linear", "cce", BASELINE_GROUPS["cce"], _build_cce,
-                  note="default gradient filtering (filter_eps) drops tiny gradient entries"),  # fmt: skip
+        Contender(
+            "materialized",
+            "linear",
+            "materialized",
+            BASELINE_GROUPS["materialized"],
+            _build_materialized,
+            baseline=True,
+        ),
+        Contender(
+            "liger",
+            "linear",
+            "liger",
+            BASELINE_GROUPS["liger"],
+            _build_liger,
+            note="computes the gradients inside its forward; its bwd is only their hand-off",
+        ),
+        Contender(
+            "cce",
+            "linear",
+            "cce",
+            BASELINE_GROUPS["cce"],
+            _build_cce,
+            note="default gradient filtering (filter_eps) drops tiny gradient entries",
+        ),
     ]
     return out

@@ -35,20 +35,43 @@ def _check_cell(row: dict) -> str:
 def table(rows: list[dict], path: str, has_copy: bool) -> list[str]:
     unit = "GB/s" if path == "logits" else "TFLOP/s"
     base = "TRL" if path == "logits" else "materialized"
-    head = ["contender", "size", "valid tok", "fwd ms", "bwd ms", "fwd+bwd ms", f"time / {base}", "peak MiB",
-            f"mem / {base}", unit] + (["% of copy"] if has_copy and path == "logits" else []) + \
-           ["max abs Δlogps", "max abs Δgrad", "check"]  # fmt: skip
+    head = (
+        [
+            "contender",
+            "size",
+            "valid tok",
+            "fwd ms",
+            "bwd ms",
+            "fwd+bwd ms",
+            f"time / {base}",
+            "peak MiB",
+            f"mem / {base}",
+            unit,
+        ]
+        + (["% of copy"] if has_copy and path == "logits" else [])
+        + ["max abs Δlogps", "max abs Δgrad", "check"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         if r["status"] != "ok":
-            cells = [r["contender"], r["size"], str(r["valid_tokens"])] + ["-"] * (len(head) - 5) + [
-                r["error"].replace("|", "/"), "error"]  # fmt: skip
+            cells = (
+                [r["contender"], r["size"], str(r["valid_tokens"])]
+                + ["-"] * (len(head) - 5)
+                + [r["error"].replace("|", "/"), "error"]
+            )
         else:
             cells = [
-                r["contender"], r["size"], str(r["valid_tokens"]), _fmt(r["fwd_ms"]), _fmt(r["bwd_ms"]),
-                _fmt(r["total_ms"]), _fmt(r["time_ratio"], ".2f", "x"), _fmt(r["peak_bytes"] / MIB, ".1f"),
-                _fmt(r["mem_ratio"], ".3f", "x"), _fmt(r["throughput"], ".1f" if path == "logits" else ".3f"),
-            ]  # fmt: skip
+                r["contender"],
+                r["size"],
+                str(r["valid_tokens"]),
+                _fmt(r["fwd_ms"]),
+                _fmt(r["bwd_ms"]),
+                _fmt(r["total_ms"]),
+                _fmt(r["time_ratio"], ".2f", "x"),
+                _fmt(r["peak_bytes"] / MIB, ".1f"),
+                _fmt(r["mem_ratio"], ".3f", "x"),
+                _fmt(r["throughput"], ".1f" if path == "logits" else ".3f"),
+            ]
             if has_copy and path == "logits":
                 cells.append(_fmt(r["copy_fraction"] and 100 * r["copy_fraction"], ".1f", "%"))
             cells += [_fmt(r["d_logps"], ".1e"), _fmt(r["d_grad"], ".1e"), _check_cell(r)]
@@ -71,12 +94,16 @@ def markdown(meta: dict, rows: list[dict], skipped: list[dict], plots: list[str]
     ]
     if meta.get("device_type") == "cpu":
         out.append(f"- `cpp` backend's row kernels: {meta.get('cpp_isa', 'unknown')} instructions")
-        out.append(f"- CPU load average (1 min) at the start: {meta['load_average']:.2f}; "
-                   f"OMP_WAIT_POLICY={meta['omp_wait_policy']} (on a CPU shared with other work, spinning "
-                   "OpenMP threads stall each other; `passive` keeps timings stable)")  # fmt: skip
+        out.append(
+            f"- CPU load average (1 min) at the start: {meta['load_average']:.2f}; "
+            f"OMP_WAIT_POLICY={meta['omp_wait_policy']} (on a CPU shared with other work, spinning "
+            "OpenMP threads stall each other; `passive` keeps timings stable)"
+        )
     if has_copy:
-        out.append(f"- measured device copy bandwidth: {meta['copy_bandwidth_gbs']:.1f} GB/s "
-                   f"(`dst.copy_(src)` of {meta['copy_bytes'] / MIB:.0f} MiB, read + write)")  # fmt: skip
+        out.append(
+            f"- measured device copy bandwidth: {meta['copy_bandwidth_gbs']:.1f} GB/s "
+            f"(`dst.copy_(src)` of {meta['copy_bytes'] / MIB:.0f} MiB, read + write)"
+        )
     out += [
         "",
         "Sizes are N x T x V (x H on the linear path). The logits path is `logits [N,T,V] -> logps [N]` and its "
@@ -138,12 +165,16 @@ def plots(rows: list[dict], out_dir: Path, meta: dict) -> list[str]:
                 continue
             # the group with the most points (ties: the most rows)
             key, group = max(groups, key=lambda kg: (len({r[axis] for r in kg[1]}), len(kg[1])))
-            fixed = ", ".join(f"{k.upper()}={v}" for k, v in zip([k for k in "ntvh" if k != axis], key)
-                              if not (path == "logits" and k == "h"))  # fmt: skip
+            fixed = ", ".join(
+                f"{k.upper()}={v}"
+                for k, v in zip([k for k in "ntvh" if k != axis], key)
+                if not (path == "logits" and k == "h")
+            )
             fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
             for name in sorted({r["contender"] for r in group}, key=[r["contender"] for r in group].index):
-                pts = sorted((r[axis], r["total_ms"], max(r["peak_bytes"], 1) / MIB) for r in group
-                             if r["contender"] == name)  # fmt: skip
+                pts = sorted(
+                    (r[axis], r["total_ms"], max(r["peak_bytes"], 1) / MIB) for r in group if r["contender"] == name
+                )
                 xs = [p[0] for p in pts]
                 ax_t.plot(xs, [p[1] for p in pts], marker="o", label=name)
                 ax_m.plot(xs, [p[2] for p in pts], marker="o", label=name)

@@ -30,6 +30,8 @@ import os
 import torch
 
 from . import trl_version  # noqa: F401  (first: raises ImportError on an unsupported trl, before trl's internals)
+
+# isort: split
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
@@ -331,9 +333,13 @@ class FastDPOTrainer(DPOTrainer):
             ref_model_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
             ref_outputs = self._reference_forward(model, ref_model_kwargs)
         out = fused_preference_loss(
-            logits, labels, ref_logits=None if ref_outputs is None else ref_outputs.logits, **(ref or {}),
-            backend=self._pyfastpo_backend, **self._pyfastpo_loss_kwargs,
-        )  # fmt: skip
+            logits,
+            labels,
+            ref_logits=None if ref_outputs is None else ref_outputs.logits,
+            **(ref or {}),
+            backend=self._pyfastpo_backend,
+            **self._pyfastpo_loss_kwargs,
+        )
         del ref_outputs  # the reference logits: freed before the backward, as in trl
         policy = out.policy
         chosen_logps, rejected_logps = policy.logps.chunk(2, dim=0)  # batch is [chosen, rejected]

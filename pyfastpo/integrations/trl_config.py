@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import trl_version  # noqa: F401  (first: raises ImportError on an unsupported trl, before trl's internals)
+
+# isort: split
 from trl import DPOConfig
 
 from ..backends import check_backend_available

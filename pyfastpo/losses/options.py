@@ -17,8 +17,8 @@ refused with a ValueError that names the valid range:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..validation import check_flags
 from .pairwise import LOSSES, MALLOWS
@@ -80,8 +80,16 @@ def loss_types(loss_type) -> list:
     return types
 
 
-def _number(name: str, value, *, low: float | None = None, strict: bool = False, high: float | None = None,
-            high_open: bool = True, why: str = "") -> float:
+def _number(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    strict: bool = False,
+    high: float | None = None,
+    high_open: bool = True,
+    why: str = "",
+) -> float:
     """``value`` as a finite float within the given bounds, else a ValueError naming the range."""
     lo = "" if low is None else ("(" if strict else "[") + f"{low:g}"
     hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
@@ -106,7 +114,9 @@ def needs_reference_entropy(loss_type) -> bool:
     return bool(MALLOWS & set(loss_types(loss_type)))
 
 
-def check_loss_options(loss_type, *, dispersion_given: bool = False, vocab_size: int | None = None, **options) -> LossOptions:
+def check_loss_options(
+    loss_type, *, dispersion_given: bool = False, vocab_size: int | None = None, **options
+) -> LossOptions:
     """Validate :func:`pyfastpo.preference_loss`'s scalar options; no tensor is touched.
 
     ``options``: any of :data:`SCALAR_DEFAULTS` (the others take those defaults).
@@ -124,7 +134,12 @@ def check_loss_options(loss_type, *, dispersion_given: bool = False, vocab_size:
     loss_weights, beta, label_smoothing, gamma = o["loss_weights"], o["beta"], o["label_smoothing"], o["gamma"]
     focal_gamma, focal_detach, simpo_gamma = o["focal_gamma"], o["focal_detach"], o["simpo_gamma"]
     discopop_tau, dispersion_scale = o["discopop_tau"], o["dispersion_scale"]
-    bcr_weight, bcr_budget, bcr_per_token, nll_weight = o["bcr_weight"], o["bcr_budget"], o["bcr_per_token"], o["nll_weight"]
+    bcr_weight, bcr_budget, bcr_per_token, nll_weight = (
+        o["bcr_weight"],
+        o["bcr_budget"],
+        o["bcr_per_token"],
+        o["nll_weight"],
+    )
     types = loss_types(loss_type)
     if loss_weights is None:
         weights = [1.0] * len(types)
@@ -155,9 +170,14 @@ def check_loss_options(loss_type, *, dispersion_given: bool = False, vocab_size:
     check_flags(focal_detach=focal_detach, bcr_per_token=bcr_per_token)
 
     values = dict(
-        label_smoothing=label_smoothing, gamma=gamma, focal_gamma=focal_gamma, focal_detach=focal_detach,
-        simpo_gamma=simpo_gamma, discopop_tau=discopop_tau, dispersion_scale=dispersion_scale,
-    )  # fmt: skip
+        label_smoothing=label_smoothing,
+        gamma=gamma,
+        focal_gamma=focal_gamma,
+        focal_detach=focal_detach,
+        simpo_gamma=simpo_gamma,
+        discopop_tau=discopop_tau,
+        dispersion_scale=dispersion_scale,
+    )
     for name, users in USED_BY.items():
         if values[name] != OPTION_DEFAULTS[name] and not users & set(types):
             raise ValueError(
@@ -173,19 +193,25 @@ def check_loss_options(loss_type, *, dispersion_given: bool = False, vocab_size:
         focal_gamma = gamma if "focalpo" in types else focal_gamma
         simpo_gamma = gamma if "simpo" in types else simpo_gamma
     name = "gamma" if gamma is not None else None
-    focal_gamma = _number(name or "focal_gamma", focal_gamma, low=0.0, why=" (negative up-weights the pairs already won)")
+    focal_gamma = _number(
+        name or "focal_gamma", focal_gamma, low=0.0, why=" (negative up-weights the pairs already won)"
+    )
     simpo_gamma = _number(name or "simpo_gamma", simpo_gamma, low=0.0, why=" (SimPO's target margin)")
     _number("discopop_tau", discopop_tau, low=0.0, strict=True)
     if MALLOWS & set(types):
         if dispersion_given and dispersion_scale != OPTION_DEFAULTS["dispersion_scale"]:
-            raise ValueError(
-                "dispersion_scale has no effect when dispersion is given directly; pass one of them"
-            )
-        _number("dispersion_scale", dispersion_scale, low=0.0, strict=True,
-                why=" (phi = Hbar ** c must stay in (0, 1]; c <= 0 makes phi >= 1)")  # fmt: skip
+            raise ValueError("dispersion_scale has no effect when dispersion is given directly; pass one of them")
+        _number(
+            "dispersion_scale",
+            dispersion_scale,
+            low=0.0,
+            strict=True,
+            why=" (phi = Hbar ** c must stay in (0, 1]; c <= 0 makes phi >= 1)",
+        )
         if not dispersion_given and vocab_size is not None and int(vocab_size) < 2:
             raise ValueError(
-                f"the Mallows losses normalize entropies by log V and need a vocabulary of at least 2, got V={vocab_size}"
+                "the Mallows losses normalize entropies by log V and need a vocabulary of at least 2, "
+                f"got V={vocab_size}"
             )
     bcr_weight = _number("bcr_weight", bcr_weight, low=0.0, why=" (negative rewards lowering the chosen likelihood)")
     _number("bcr_budget", bcr_budget, low=0.0, why=" (how far the chosen log-likelihood may fall for free)")

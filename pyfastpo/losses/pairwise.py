@@ -22,8 +22,9 @@ class PairTerms:
 
     ``chosen``/``rejected`` are policy log-probs, ``ref_*`` the reference's (0
     when reference-free), ``chosen_tokens``/``rejected_tokens`` completion token
-    counts (None when not given; ``nc``/``nr`` are the same clamped to at least 1), ``phi`` the Mallows dispersion (None unless a
-    Mallows loss is used).
+    counts (None when not given), ``nc``/``nr`` the same clamped to at least 1 (the
+    divisors of the length-normalized losses), ``phi`` the Mallows dispersion (None
+    unless a Mallows loss is used).
     """
 
     chosen: torch.Tensor

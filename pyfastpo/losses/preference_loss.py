@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -108,11 +109,23 @@ def preference_loss(
         :class:`PreferenceLossOutput`.
     """
     options = check_loss_options(
-        loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
-        focal_gamma=focal_gamma, focal_detach=focal_detach, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau,
-        dispersion_scale=dispersion_scale, dispersion_given=dispersion is not None, bcr_weight=bcr_weight,
-        bcr_budget=bcr_budget, bcr_per_token=bcr_per_token, nll_weight=nll_weight, vocab_size=vocab_size,
-    )  # fmt: skip
+        loss_type,
+        loss_weights=loss_weights,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        gamma=gamma,
+        focal_gamma=focal_gamma,
+        focal_detach=focal_detach,
+        simpo_gamma=simpo_gamma,
+        discopop_tau=discopop_tau,
+        dispersion_scale=dispersion_scale,
+        dispersion_given=dispersion is not None,
+        bcr_weight=bcr_weight,
+        bcr_budget=bcr_budget,
+        bcr_per_token=bcr_per_token,
+        nll_weight=nll_weight,
+        vocab_size=vocab_size,
+    )
     types, weights = options.types, options.weights
     focal_gamma, simpo_gamma = options.focal_gamma, options.simpo_gamma
 
@@ -148,8 +161,8 @@ def preference_loss(
     have_counts = chosen_num_tokens is not None and rejected_num_tokens is not None
     if needs_counts and not have_counts:
         raise ValueError(f"{needs_counts} need chosen_num_tokens and rejected_num_tokens (completion token counts)")
-    nc = chosen_num_tokens.to(dtype) if chosen_num_tokens is not None else None
-    nr = rejected_num_tokens.to(dtype) if rejected_num_tokens is not None else None
+    chosen_tokens = chosen_num_tokens.to(dtype) if chosen_num_tokens is not None else None
+    rejected_tokens = rejected_num_tokens.to(dtype) if rejected_num_tokens is not None else None
 
     phi = None
     if MALLOWS & set(types):
@@ -164,9 +177,20 @@ def preference_loss(
         ).to(dtype)
 
     terms = PairTerms(
-        chosen, rejected, ref_chosen, ref_rejected, beta, label_smoothing, nc, nr, phi,
-        focal_gamma, focal_detach, simpo_gamma, discopop_tau,
-    )  # fmt: skip
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        beta,
+        label_smoothing,
+        chosen_tokens,
+        rejected_tokens,
+        phi,
+        focal_gamma,
+        focal_detach,
+        simpo_gamma,
+        discopop_tau,
+    )
     losses = sum(w * LOSSES[t](terms) for t, w in zip(types, weights))
     metrics = {}
     if bcr_weight:
@@ -227,15 +251,25 @@ def _mallows_dispersion(dispersion, hc, hr, nc, nr, vocab_size, scale) -> torch.
 
 # The per-pair tensors preference_loss takes besides the policy log-probs.
 _VECTOR_ARGS = (
-    "ref_chosen_logps", "ref_rejected_logps", "chosen_num_tokens", "rejected_num_tokens",
-    "ref_chosen_entropy", "ref_rejected_entropy", "dispersion",
-)  # fmt: skip
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "chosen_num_tokens",
+    "rejected_num_tokens",
+    "ref_chosen_entropy",
+    "ref_rejected_entropy",
+    "dispersion",
+)
 # Scalar options check_loss_options takes under the same names.
 _SCALAR_ARGS = tuple(SCALAR_DEFAULTS)
 
 
 def check_loss_kwargs(
-    loss_type, loss_kwargs: dict, *, num_pairs: int, device: torch.device, vocab_size: int | None,
+    loss_type,
+    loss_kwargs: dict,
+    *,
+    num_pairs: int,
+    device: torch.device,
+    vocab_size: int | None,
     filled: Iterable[str] = (),
 ) -> None:
     """Validate the ``loss_type`` and ``**loss_kwargs`` that a fused entry point
@@ -260,7 +294,9 @@ def check_loss_kwargs(
         raise ValueError(f"{computed} are computed from the labels and logits here; do not pass them")
     scalars = {k: v for k, v in loss_kwargs.items() if k in _SCALAR_ARGS}
     dispersion = loss_kwargs.get("dispersion")
-    types = set(check_loss_options(loss_type, **scalars, dispersion_given=dispersion is not None, vocab_size=vocab_size).types)
+    types = set(
+        check_loss_options(loss_type, **scalars, dispersion_given=dispersion is not None, vocab_size=vocab_size).types
+    )
     for name in _VECTOR_ARGS:
         value = loss_kwargs.get(name)
         _check_vector(name, value, num_pairs)
@@ -269,11 +305,17 @@ def check_loss_kwargs(
     if dispersion is not None:
         check_dispersion(dispersion)
     if not MALLOWS & types:
-        unread = [k for k in ("dispersion", "ref_chosen_entropy", "ref_rejected_entropy") if loss_kwargs.get(k) is not None]
+        unread = [
+            k for k in ("dispersion", "ref_chosen_entropy", "ref_rejected_entropy") if loss_kwargs.get(k) is not None
+        ]
         if unread:
-            raise ValueError(f"{unread} have no effect with loss_type {sorted(types)}: only {sorted(MALLOWS)} read them")
+            raise ValueError(
+                f"{unread} have no effect with loss_type {sorted(types)}: only {sorted(MALLOWS)} read them"
+            )
     if MALLOWS & types and dispersion is None:
-        have = set(filled) | {k for k in ("ref_chosen_entropy", "ref_rejected_entropy") if loss_kwargs.get(k) is not None}
+        have = set(filled) | {
+            k for k in ("ref_chosen_entropy", "ref_rejected_entropy") if loss_kwargs.get(k) is not None
+        }
         if not {"ref_chosen_entropy", "ref_rejected_entropy"} <= have:
             raise ValueError(
                 "the Mallows losses need the reference model's token entropies: pass reference logits / hidden "
