@@ -36,23 +36,16 @@ def dtype_code(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
 
 
-def forward_args(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, out: torch.Tensor) -> tuple:
-    """The positional arguments ``_C.forward`` and ``_cuda.forward`` share: pointers,
-    dtype code, sizes and strides of ``logits [N, T, V]``, ``labels`` and the
-    contiguous float32 ``out [NUM_STATS, N, T]``."""
+def _logits_args(logits: torch.Tensor) -> tuple:
+    """Pointer, dtype code, sizes ``N, T, V`` and row strides of ``logits [N, T, V]``."""
     n, t, v = logits.shape
-    return (
-        logits.data_ptr(),
-        dtype_code(logits.dtype),
-        n,
-        t,
-        v,
-        logits.stride(0),
-        logits.stride(1),
-        labels.data_ptr(),
-        int(ignore_index),
-        out.data_ptr(),
-    )
+    return logits.data_ptr(), dtype_code(logits.dtype), n, t, v, logits.stride(0), logits.stride(1)
+
+
+def forward_args(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, out: torch.Tensor) -> tuple:
+    """The positional arguments ``_C.forward`` and ``_cuda.forward`` share: the logits'
+    (:func:`_logits_args`), ``labels``, and the contiguous float32 ``out [NUM_STATS, N, T]``."""
+    return (*_logits_args(logits), labels.data_ptr(), int(ignore_index), out.data_ptr())
 
 
 def backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, out) -> tuple:
@@ -62,24 +55,8 @@ def backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, ou
     for what, x in (("row_max", row_max), ("log_sum", log_sum), ("grad_scale", grad_scale)):
         if x.dtype != torch.float32 or not x.is_contiguous():
             raise ValueError(f"{what} must be a contiguous float32 tensor, got {x.dtype} strides {x.stride()}")
-    n, t, v = logits.shape
-    return (
-        logits.data_ptr(),
-        dtype_code(logits.dtype),
-        n,
-        t,
-        v,
-        logits.stride(0),
-        logits.stride(1),
-        labels.data_ptr(),
-        row_max.data_ptr(),
-        log_sum.data_ptr(),
-        grad_scale.data_ptr(),
-        int(ignore_index),
-        out.data_ptr(),
-        out.stride(0),
-        out.stride(1),
-    )
+    pointers = (labels.data_ptr(), row_max.data_ptr(), log_sum.data_ptr(), grad_scale.data_ptr())
+    return (*_logits_args(logits), *pointers, int(ignore_index), out.data_ptr(), out.stride(0), out.stride(1))
 
 
 def run_forward(call, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:

@@ -169,15 +169,7 @@ def check_loss_options(
         )
     check_flags(focal_detach=focal_detach, bcr_per_token=bcr_per_token)
 
-    values = dict(
-        label_smoothing=label_smoothing,
-        gamma=gamma,
-        focal_gamma=focal_gamma,
-        focal_detach=focal_detach,
-        simpo_gamma=simpo_gamma,
-        discopop_tau=discopop_tau,
-        dispersion_scale=dispersion_scale,
-    )
+    values = {name: o[name] for name in OPTION_DEFAULTS}
     for name, users in USED_BY.items():
         if values[name] != OPTION_DEFAULTS[name] and not users & set(types):
             raise ValueError(

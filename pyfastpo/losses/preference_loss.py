@@ -108,23 +108,12 @@ def preference_loss(
     Returns:
         :class:`PreferenceLossOutput`.
     """
+    arguments = locals()  # the scalar options, by name (SCALAR_DEFAULTS lists them; a test ties it to this signature)
     options = check_loss_options(
         loss_type,
-        loss_weights=loss_weights,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        gamma=gamma,
-        focal_gamma=focal_gamma,
-        focal_detach=focal_detach,
-        simpo_gamma=simpo_gamma,
-        discopop_tau=discopop_tau,
-        dispersion_scale=dispersion_scale,
         dispersion_given=dispersion is not None,
-        bcr_weight=bcr_weight,
-        bcr_budget=bcr_budget,
-        bcr_per_token=bcr_per_token,
-        nll_weight=nll_weight,
         vocab_size=vocab_size,
+        **{name: arguments[name] for name in SCALAR_DEFAULTS},
     )
     types, weights = options.types, options.weights
     focal_gamma, simpo_gamma = options.focal_gamma, options.simpo_gamma
@@ -260,7 +249,6 @@ _VECTOR_ARGS = (
     "dispersion",
 )
 # Scalar options check_loss_options takes under the same names.
-_SCALAR_ARGS = tuple(SCALAR_DEFAULTS)
 
 
 def check_loss_kwargs(
@@ -292,7 +280,7 @@ def check_loss_kwargs(
     computed = sorted(set(loss_kwargs) & ({"chosen_num_tokens", "rejected_num_tokens", "vocab_size"} | set(filled)))
     if computed:
         raise ValueError(f"{computed} are computed from the labels and logits here; do not pass them")
-    scalars = {k: v for k, v in loss_kwargs.items() if k in _SCALAR_ARGS}
+    scalars = {k: v for k, v in loss_kwargs.items() if k in SCALAR_DEFAULTS}
     dispersion = loss_kwargs.get("dispersion")
     types = set(
         check_loss_options(loss_type, **scalars, dispersion_given=dispersion is not None, vocab_size=vocab_size).types
