@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.pyfastpo-installed
 # The package is installed under a constraint that keeps that torch: otherwise a
 # dependency (trl, peft, ...) could pull a multi-GB CUDA build.
 
-.PHONY: setup lint test demo bench clean
+.PHONY: setup lint test demo bench gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,13 @@ demo: setup
 
 bench: setup
 	$(PY) -m pyfastpo.bench
+
+# Wheels of what the GPU machine lacks (it has no network), for its Python 3.12; carried
+# with the run and installed by benchmarks/gpu_check.sh.
+GPU_WHEELS := trl==1.13.0 peft==0.21.2 liger-kernel cut-cross-entropy
+gpu-wheels: setup
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --no-deps -d wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf build *.egg-info pyfastpo/*.so pyfastpo/backends/*.so $(VENV)

@@ -29,16 +29,23 @@ _MAX_BLOCK_BYTES = 8192
 _BYTES_PER_THREAD = 32
 
 
-def launch_config(vocab: int, dtype: torch.dtype, block_v: int | None = None) -> tuple[int, int]:
+def launch_config(
+    vocab: int, dtype: torch.dtype, block_v: int | None = None, num_warps: int | None = None
+) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for rows of ``vocab`` elements of ``dtype``.
 
-    ``block_v`` overrides the block size (must be a power of two); warps follow it.
+    ``block_v`` overrides the block size (must be a power of two); warps follow it
+    unless ``num_warps`` overrides them too (a power of two from 1 to 32; the GPU
+    check's configuration sweep uses both).
     """
     elem = torch.empty((), dtype=dtype).element_size()
     if block_v is None:
         block_v = min(triton.next_power_of_2(max(vocab, 1)), _MAX_BLOCK_BYTES // elem)
     elif block_v < 1 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
+    if num_warps is not None:
+        if num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
+        return block_v, num_warps
     per_thread = _BYTES_PER_THREAD // elem
-    num_warps = max(1, min(8, block_v // (32 * per_thread)))
-    return block_v, num_warps
+    return block_v, max(1, min(8, block_v // (32 * per_thread)))

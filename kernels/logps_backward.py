@@ -90,6 +90,7 @@ def logps_backward(
     ignore_index: int,
     out: torch.Tensor,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Write the gradient of ``sum_t g[n] * logp[n, t]`` w.r.t. ``logits`` into ``out``.
 
@@ -101,6 +102,7 @@ def logps_backward(
         ignore_index: label value of tokens that do not count (their gradient is 0).
         out: ``[N, T, V]`` in the logits' dtype, ``stride(-1) == 1``; may be ``logits``.
         block_v: block-size override (power of two), for tests.
+        num_warps: warps-per-program override (the GPU check's sweep).
     """
     n, t, v = logits.shape
     rows = n * t
@@ -109,7 +111,7 @@ def logps_backward(
     row_max = row_max.reshape(rows).to(torch.float32).contiguous()
     log_sum = log_sum.reshape(rows).to(torch.float32).contiguous()
     grad_scale = grad_scale.to(torch.float32).contiguous()
-    block, warps = launch_config(v, logits.dtype, block_v)
+    block, warps = launch_config(v, logits.dtype, block_v, num_warps)
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _logps_backward_kernel[(rows,)](
             logits,

@@ -151,7 +151,11 @@ def _logps_forward_kernel(
 
 
 def logps_forward(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, block_v: int | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token statistics of ``logits`` at ``labels``.
 
@@ -161,6 +165,7 @@ def logps_forward(
         ignore_index: label value of tokens that do not count.
         block_v: override of the block size (a power of two; tests use it to hit
             block boundaries at small V). Default: :func:`launch_config`.
+        num_warps: override of the warps per program (the GPU check's sweep).
 
     Returns:
         ``(logp, row_max, log_sum, entropy, sum_logits)``, each ``[N * T]`` float32
@@ -172,7 +177,7 @@ def logps_forward(
     if rows == 0 or v == 0:
         return tuple(out.unbind(0))
     logp, row_max, log_sum, entropy, sum_logits = out.unbind(0)
-    block, warps = launch_config(v, logits.dtype, block_v)
+    block, warps = launch_config(v, logits.dtype, block_v, num_warps)
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _logps_forward_kernel[(rows,)](
             logits,

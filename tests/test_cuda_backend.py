@@ -189,3 +189,29 @@ def test_cuda_backend_vs_reference(dtype, vocab):
         inplace = x.clone()
         cuda_backend.backward(inplace, y, got.row_max, got.log_sum, g, -100, inplace)
         assert torch.equal(inplace, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_past_2_31_elements(name):
+    """N*T*V above 2^31 (64-bit offsets between rows; a 32-bit one would wrap): the last rows,
+    far past element 2^31, match ``reference`` in the forward and the in-place backward."""
+    from pyfastpo.backends import get_backend
+
+    impl = get_backend(name, torch.device("cuda"), torch.bfloat16)
+    n, t, v = 2, 8400, 128256  # 2.15e9 elements, 4.3 GB in bfloat16
+    assert n * t * v > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, t, v, device="cuda", dtype=torch.bfloat16, generator=gen)
+    y = torch.randint(0, v, (n, t), device="cuda", generator=gen)
+    tail = slice(t - 8, t)
+    x_tail, y_tail = x[:, tail].clone(), y[:, tail].contiguous()
+    got = impl.forward(x, y, -100)
+    ref = reference.forward(x_tail, y_tail, -100)
+    for field in ("logp", "row_max", "log_sum", "entropy"):
+        torch.testing.assert_close(getattr(got, field)[:, tail], getattr(ref, field), rtol=1e-5, atol=2e-4)
+    g = torch.randn(n, device="cuda", generator=gen)
+    impl.backward(x, y, got.row_max.contiguous(), got.log_sum.contiguous(), g, -100, x)
+    want = torch.empty_like(x_tail)
+    reference.backward(x_tail, y_tail, ref.row_max, ref.log_sum, g, -100, want)
+    torch.testing.assert_close(x[:, tail], want)

@@ -210,6 +210,18 @@ def test_launch_config_table():
         assert launch_config(262144, dtype) == (cap, 8)
     with pytest.raises(ValueError):
         launch_config(100, torch.float32, block_v=24)
+    assert launch_config(32000, torch.bfloat16, 1024, num_warps=2) == (1024, 2)
+    with pytest.raises(ValueError, match="num_warps"):
+        launch_config(100, torch.float32, num_warps=3)
+
+
+def test_warps_override_gives_the_same_numbers():
+    """The GPU check sweeps BLOCK_V x num_warps: every configuration computes the same thing."""
+    logits, labels = make_inputs(2, 3, 300, dtype=torch.float32, seed=11)
+    base = logps_forward(logits, labels, IGNORE, block_v=64)
+    other = logps_forward(logits, labels, IGNORE, block_v=64, num_warps=1)
+    for a, b in zip(base, other):
+        torch.testing.assert_close(a, b, equal_nan=True)
 
 
 def test_empty_inputs():
