@@ -44,7 +44,7 @@ bench: setup
 
 # Wheels of what the GPU machine lacks (it has no network), for its Python 3.12; carried
 # with the run and installed by benchmarks/gpu_check.sh.
-GPU_WHEELS := trl==1.13.0 peft==0.21.2 liger-kernel cut-cross-entropy
+GPU_WHEELS := trl==1.13.0 peft==0.21.2 accelerate==1.15.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 gpu-wheels: setup
 	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 	  --no-deps -d wheels $(GPU_WHEELS)
