@@ -3,13 +3,14 @@ the wheel FROM that sdist (a source missing from MANIFEST.in fails the build), t
 goes into a fresh venv that holds only torch and numpy (pyfastpo itself with --no-deps),
 and tests/smoke_installed.py runs there from a directory outside the repository.
 
-Slow, hence the ``packaging`` marker (``-m "not packaging"`` leaves it out): about 3.5 min
-on CI's 2 cores, spent compiling the C++ extension once and installing torch into the new
-venv. The build sets PYFASTPO_NO_CUDA=1 even where nvcc is present: the smoke test needs
-only the ``cpp`` backend, and nvcc would add about a minute (the CUDA build is checked in
-the development install by test_build.py and test_cuda_backend.py). Needs ``build`` (the
-dev extra) and the package index, for the build's isolated environment (setuptools,
-wheel, pybind11) exactly as ``pip install`` of the sdist would."""
+Slow, hence the ``packaging`` marker (``-m "not packaging"`` leaves it out): 3-5 min on
+CI's 2 cores, spent compiling the C++ extension once and installing torch into the new
+venv (docs/packaging.md has the measured times). The build sets PYFASTPO_NO_CUDA=1 even
+where nvcc is present: the smoke test needs only the ``cpp`` backend, and nvcc would add
+about a minute (the CUDA build is checked in the development install by test_build.py
+and test_cuda_backend.py). Needs ``build`` (the dev extra) and the package index, for
+the build's isolated environment (setuptools, wheel, pybind11), exactly as ``pip install``
+of the sdist would."""
 
 from __future__ import annotations
 
