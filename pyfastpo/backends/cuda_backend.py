@@ -45,8 +45,8 @@ def _runtime_reason() -> str | None:
 
 MIN_CAPABILITY = (8, 0)
 """The oldest compute capability the extension runs on: setup.py's NVCC_FLAGS build
-sm_80 and sm_90 code (each runs on later minors of its major) plus compute_90 PTX
-(JIT-compiled on newer majors); nothing runs below 8.0."""
+sm_80, sm_90 and sm_100 code (each runs on later minors of its major) plus compute_100
+PTX (JIT-compiled on newer majors); nothing runs below 8.0."""
 
 
 def _capability_reason(device: torch.device) -> str | None:
@@ -60,7 +60,7 @@ def _capability_reason(device: torch.device) -> str | None:
         return None
     need = ".".join(map(str, MIN_CAPABILITY))
     return (
-        f"the CUDA kernels are built for compute capability {need} and newer (sm_80, sm_90 + PTX); "
+        f"the CUDA kernels are built for compute capability {need} and newer (sm_80, sm_90, sm_100 + PTX); "
         f"cuda:{index} is {major}.{minor} ({torch.cuda.get_device_name(index)}); "
         "use backend='triton' or 'reference'"
     )
