@@ -14,7 +14,15 @@ import torch
 
 from .base import KERNEL_DTYPES, TokenStats
 
-__all__ = ["BACKENDS", "TokenStats", "available_backends", "backend_reasons", "check_backend_available", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "TokenStats",
+    "available_backends",
+    "backend_module",
+    "backend_reasons",
+    "check_backend_available",
+    "get_backend",
+]
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
 """Every backend name ``sequence_logps`` accepts, besides ``"auto"``."""
@@ -42,6 +50,12 @@ def _module(name: str) -> tuple[ModuleType | None, str | None]:
         return importlib.import_module(_MODULES[name]), None
     except ImportError as err:  # a compiled extension or triton is missing
         return None, f"it could not be imported ({err})"
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module of backend ``name`` (not ``"auto"``), already known to be importable:
+    how the custom ops find the backend their ``backend`` argument names."""
+    return importlib.import_module(_MODULES[name])
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
