@@ -38,7 +38,9 @@ def check_plain_tensor(name: str, x) -> None:
         raise ValueError(f"{name} must be a dense strided tensor, got a {kind} tensor; convert it (e.g. .to_dense())")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (no data); pass a tensor with storage")
-    if x.is_neg() or x.is_conj():  # lazy views: the memory holds the un-negated values
+    # Lazy views: the memory holds the un-negated values. (Under torch.compile the
+    # check is skipped: dynamo cannot trace it, and the ops receive functionalized tensors.)
+    if not torch.compiler.is_compiling() and (x.is_neg() or x.is_conj()):
         raise ValueError(f"{name} is a lazy negated/conjugated view; pass {name}.resolve_neg().resolve_conj()")
 
 
