@@ -185,6 +185,9 @@ def can_overwrite(logits: torch.Tensor) -> bool:
     must belong to a tensor produced by autograd (never a leaf the caller owns, even
     through a view of it) and no two elements may share memory."""
     owner = logits._base if logits._base is not None else logits
+    if torch.compiler.is_compiling():
+        # dynamo cannot read an intermediate's grad_fn; `is_leaf` says the same here.
+        return logits.requires_grad and not owner.is_leaf and not _has_internal_overlap(logits)
     return owner.grad_fn is not None and not _has_internal_overlap(logits)
 
 
@@ -222,8 +225,7 @@ def sequence_logps(
     labels = check_logits_labels(logits, labels, ignore_index)
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward)
     impl = get_backend(backend, logits.device, logits.dtype)
-    # Under torch.compile the backward writes a fresh tensor (see README, "torch.compile").
-    inplace = inplace_backward and not torch.compiler.is_compiling() and can_overwrite(logits)
+    inplace = inplace_backward and can_overwrite(logits)
     logps, num_tokens, entropy, mean_logits, _ = _sequence_logps_op(
         logits, labels, int(ignore_index), impl.name, inplace
     )

@@ -109,3 +109,25 @@ def test_eager_in_place_backward_is_kept():
     out = pyfastpo.sequence_logps(x, labels, backend="cpp")
     grads = torch.autograd.grad(out.logps.sum(), x)
     assert grads[0].data_ptr() == x.data_ptr() and x._version > version
+
+
+def test_compiled_step_keeps_the_in_place_backward():
+    """The compiled backward writes the gradient into the logits too (AOTAutograd keeps the
+    mutating op in place): a compiled step's peak is eager's, not one logits-sized buffer more."""
+    from pyfastpo.memory import peak_memory
+
+    n, t, v, h = 4, 32, 4000, 16
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(n, t, h, requires_grad=True), torch.randn(v, h, requires_grad=True)
+    labels = make_labels(n, t, v)
+
+    def step(x, w, y):
+        return pyfastpo.sequence_logps(x @ w.t(), y, backend="cpp").logps.sum()
+
+    dynamo.reset()
+    peaks = {}
+    for name, fn in (("eager", step), ("compiled", torch.compile(step, fullgraph=True, dynamic=False))):
+        fn(hidden, weight, labels).backward()  # compiles
+        peaks[name] = peak_memory(lambda fn=fn: fn(hidden, weight, labels).backward())[1]
+    logits_bytes = n * t * v * 4
+    assert peaks["compiled"] < peaks["eager"] + logits_bytes // 4, (peaks, logits_bytes)
