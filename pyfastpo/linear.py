@@ -21,11 +21,12 @@ import math
 
 import torch
 
-from .backends import TokenStats, get_backend
+from .backends import TokenStats, backend_module, get_backend
 from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, pair_loss_from_stats
 from .sequence_logps import IGNORE_INDEX, SequenceLogps, first_order_only, reduce_tokens
 from .validation import (
     FLOAT_DTYPES,
+    check_label_values,
     check_labels,
     check_pairs,
     check_plain_tensor,
@@ -82,76 +83,146 @@ def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype)
 
 
-class _LinearLogpsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, backend, chunk, proj):
-        n, t, _ = hidden.shape
-        vocab = weight.shape[0]
-        n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
-        cdtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
-        # Per-token stats of valid tokens, in gather order (TokenStats' fields).
-        stats = torch.zeros(len(TokenStats._fields), n_idx.numel(), dtype=cdtype, device=hidden.device)
-        with torch.autocast(hidden.device.type, enabled=False):  # projected in `proj`, explicitly
-            w, b = _cast(weight, proj), _cast(bias, proj)
-            for start in range(0, n_idx.numel(), chunk):
-                rows = slice(start, start + chunk)
-                logits = _project(hidden[n_idx[rows], t_idx[rows]].to(proj), w, b)
-                out = backend.forward(logits, labels[n_idx[rows], t_idx[rows]][:, None], ignore_index)
-                for i, s in enumerate(out):
-                    stats[i, rows] = s.squeeze(1)
-                del logits, out
-            del w, b
-        per_seq = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=hidden.device)
-        per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
-        num_tokens = (labels != ignore_index).sum(dim=1)
-        logps, entropy, mean_logits = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab)
-        ctx.save_for_backward(hidden, weight, bias, labels, n_idx, t_idx, stats[1].clone(), stats[2].clone())
-        ctx.backend, ctx.chunk, ctx.ignore_index, ctx.proj = backend, chunk, ignore_index, proj
-        ctx.mark_non_differentiable(num_tokens, entropy, mean_logits)
-        return logps, num_tokens, entropy, mean_logits
+@torch.library.custom_op("pyfastpo::linear_sequence_logps", mutates_args=())
+def _linear_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+    chunk: int,
+    proj: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logps, num_tokens, entropy, mean_logits, saved)``, ``saved`` the ``[2, N, T]`` row
+    max and log-sum the backward reads: a custom op, opaque to torch.compile (its
+    ``nonzero`` and chunk loop are data-dependent). Label values are checked first."""
+    n, t, _ = hidden.shape
+    vocab = weight.shape[0]
+    check_label_values(labels, vocab, ignore_index)
+    impl = backend_module(backend)
+    n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
+    cdtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
+    # Per-token stats of valid tokens, in gather order (TokenStats' fields).
+    stats = torch.zeros(len(TokenStats._fields), n_idx.numel(), dtype=cdtype, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):  # projected in `proj`, explicitly
+        w, b = _cast(weight, proj), _cast(bias, proj)
+        for start in range(0, n_idx.numel(), chunk):
+            rows = slice(start, start + chunk)
+            logits = _project(hidden[n_idx[rows], t_idx[rows]].to(proj), w, b)
+            out = impl.forward(logits, labels[n_idx[rows], t_idx[rows]][:, None], ignore_index)
+            for i, s in enumerate(out):
+                stats[i, rows] = s.squeeze(1)
+            del logits, out
+        del w, b
+    per_seq = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=hidden.device)
+    per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
+    num_tokens = (labels != ignore_index).sum(dim=1)
+    logps, entropy, mean_logits = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab)
+    return logps, num_tokens, entropy, mean_logits, per_seq[1:3].clone()
 
-    @staticmethod
-    def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
-        with torch.no_grad(), torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
-            grads = _LinearLogpsFunction._backward(ctx, grad_logps)
-        return first_order_only(grads, ctx.saved_tensors[:3], "linear_sequence_logps")
 
-    @staticmethod
-    def _backward(ctx, grad_logps):
-        hidden, weight, bias, labels, n_idx, t_idx, row_max, log_sum = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
-        acc = log_sum.dtype  # float32 accumulation (float64 for float64 inputs)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-        g_tok = grad_logps.to(acc)[n_idx]
-        # The forward's projection, recomputed in the same dtype (autocast's when it was on).
-        w, b = _cast(weight, ctx.proj), _cast(bias, ctx.proj)
-        for start in range(0, n_idx.numel(), ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            h = hidden[n_idx[rows], t_idx[rows]].to(ctx.proj)
-            logits = _project(h, w, b)
-            y = labels[n_idx[rows], t_idx[rows]][:, None]
-            stat = (row_max[rows][:, None], log_sum[rows][:, None])
-            ctx.backend.backward(logits, y, *stat, g_tok[rows].contiguous(), ctx.ignore_index, logits)
-            grad_logits = logits.squeeze(1)  # [C, V], now dLoss/dlogits, in the logits' dtype
-            if need_h:
-                grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ w).to(hidden.dtype)
-            if need_w:
-                if grad_logits.dtype == acc or not grad_logits.is_cuda:
-                    # In place, no [V, H] temporary per chunk; the float32 copy of a
-                    # 16-bit chunk is within the chunk's memory budget.
-                    grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
-                else:
-                    # On a GPU keep the 16-bit GEMM (float32 accumulation inside cuBLAS,
-                    # many times a float32 GEMM's speed) and add its [V, H] product in place.
-                    grad_weight.add_(grad_logits.t() @ h)
-            if need_b:
-                grad_bias += grad_logits.to(acc).sum(0)
-            del logits, grad_logits
-        grad_weight = grad_weight.to(weight.dtype) if need_w else None
-        grad_bias = grad_bias.to(bias.dtype) if need_b else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+@_linear_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, backend, chunk, proj):
+    n, t, _ = hidden.shape
+    cdtype = torch.promote_types(hidden.dtype, torch.float32)
+    per_seq = [hidden.new_empty(n, dtype=cdtype) for _ in range(3)]
+    num_tokens = labels.new_empty(n, dtype=torch.int64)
+    return per_seq[0], num_tokens, per_seq[1], per_seq[2], hidden.new_empty(2, n, t, dtype=cdtype)
+
+
+@torch.library.custom_op("pyfastpo::linear_sequence_logps_backward", mutates_args=())
+def _linear_backward_op(
+    grad_logps: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    saved: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+    chunk: int,
+    proj: torch.dtype,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_hidden, grad_weight, grad_bias)``; an empty tensor for each one not needed."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _linear_backward(
+            grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, chunk, proj, need_h, need_w, need_b
+        )
+
+
+@_linear_backward_op.register_fake
+def _(grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, chunk, proj, need_h, need_w, need_b):
+    return (
+        torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+        torch.empty_like(weight) if need_w else weight.new_empty(0),
+        torch.empty_like(bias) if need_b else weight.new_empty(0),
+    )
+
+
+def _linear_backward(
+    grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, chunk, proj, need_h, need_w, need_b
+):
+    impl = backend_module(backend)
+    n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
+    row_max, log_sum = saved[0][n_idx, t_idx], saved[1][n_idx, t_idx]
+    grad_hidden = torch.zeros_like(hidden) if need_h else hidden.new_empty(0)
+    acc = log_sum.dtype  # float32 accumulation (float64 for float64 inputs)
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+    g_tok = grad_logps.to(acc)[n_idx]
+    # The forward's projection, recomputed in the same dtype (autocast's when it was on).
+    w, b = _cast(weight, proj), _cast(bias, proj)
+    for start in range(0, n_idx.numel(), chunk):
+        rows = slice(start, start + chunk)
+        h = hidden[n_idx[rows], t_idx[rows]].to(proj)
+        logits = _project(h, w, b)
+        y = labels[n_idx[rows], t_idx[rows]][:, None]
+        stat = (row_max[rows][:, None], log_sum[rows][:, None])
+        impl.backward(logits, y, *stat, g_tok[rows].contiguous(), ignore_index, logits)
+        grad_logits = logits.squeeze(1)  # [C, V], now dLoss/dlogits, in the logits' dtype
+        if need_h:
+            grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ w).to(hidden.dtype)
+        if need_w:
+            if grad_logits.dtype == acc or not grad_logits.is_cuda:
+                # In place, no [V, H] temporary per chunk; the float32 copy of a
+                # 16-bit chunk is within the chunk's memory budget.
+                grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
+            else:
+                # On a GPU keep the 16-bit GEMM (float32 accumulation inside cuBLAS,
+                # many times a float32 GEMM's speed) and add its [V, H] product in place.
+                grad_weight.add_(grad_logits.t() @ h)
+        if need_b:
+            grad_bias += grad_logits.to(acc).sum(0)
+        del logits, grad_logits
+    grad_weight = grad_weight.to(weight.dtype) if need_w else weight.new_empty(0)
+    grad_bias = grad_bias.to(bias.dtype) if need_b else weight.new_empty(0)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, backend, chunk, proj = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[4])
+    ctx.ignore_index, ctx.backend, ctx.chunk, ctx.proj = ignore_index, backend, chunk, proj
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _linear_autograd(ctx, grad_logps, *_):
+    """The linear path's backward, wired once, for eager and compiled code alike."""
+    hidden, weight, bias, labels, saved = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    with torch.no_grad():
+        grads = _linear_backward_op(
+            grad_logps, hidden, weight, bias, labels, saved, ctx.ignore_index, ctx.backend, ctx.chunk, ctx.proj, *need
+        )
+    grads = tuple(g if n else None for g, n in zip(grads, need))
+    return first_order_only((*grads, None, None, None, None, None), (hidden, weight, bias), "linear_sequence_logps")
+
+
+_linear_op.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
 
 
 def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden", w_name="weight", b_name="bias"):
@@ -214,8 +285,8 @@ def linear_sequence_logps(
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
     chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj)
-    logps, num_tokens, entropy, mean_logits = _LinearLogpsFunction.apply(
-        hidden, weight, bias, labels, int(ignore_index), impl, chunk, proj
+    logps, num_tokens, entropy, mean_logits, _ = _linear_op(
+        hidden, weight, bias, labels, int(ignore_index), impl.name, chunk, proj
     )
     return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)
 

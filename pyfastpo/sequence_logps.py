@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from .backends import TokenStats, get_backend
-from .validation import check_flags, check_logits_labels
+from .backends import TokenStats, backend_module, get_backend
+from .validation import check_flags, check_label_values, check_logits_labels
 
 IGNORE_INDEX = -100
 """The default label of tokens that do not count (prompt, padding), as in torch's
@@ -74,30 +74,100 @@ def first_order_only(grads: tuple, inputs: tuple, what: str) -> tuple:
     return tuple(out)
 
 
-class _SequenceLogpsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, backend, inplace_backward):
-        stats = backend.forward(logits, labels, ignore_index)
-        num_tokens = (labels != ignore_index).sum(dim=1)
-        logps, entropy, mean_logits = reduce_tokens(stats, num_tokens, logits.shape[-1])
-        ctx.save_for_backward(logits, labels, stats.row_max, stats.log_sum)
-        ctx.backend = backend
-        ctx.ignore_index = ignore_index
-        ctx.inplace = inplace_backward
-        ctx.mark_non_differentiable(num_tokens, entropy, mean_logits)
-        return logps, num_tokens, entropy, mean_logits
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-token and per-sequence statistics: float64 for float64 logits, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def backward(ctx, grad_logps, _num_tokens, _entropy, _mean_logits):
-        logits, labels, row_max, log_sum = ctx.saved_tensors
-        with torch.no_grad():
-            grad_scale = grad_logps.to(log_sum.dtype).contiguous()
-            out = logits if ctx.inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            ctx.backend.backward(logits, labels, row_max, log_sum, grad_scale, ctx.ignore_index, out)
+
+# The heavy op as torch custom ops: opaque to torch.compile (dynamo and AOTAutograd see one
+# op with a fake implementation, never the backends' pointers, nonzero or Python loops).
+# The forward op carries its autograd formula (register_autograd below): the one place the
+# backward is wired, in eager and compiled code alike. ``backend`` is the backend's name.
+
+
+@torch.library.custom_op("pyfastpo::sequence_logps", mutates_args=())
+def _sequence_logps_op(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, backend: str, inplace_backward: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logps, num_tokens, entropy, mean_logits, saved)``: the per-sequence results and the
+    ``[2, N, T]`` row max and log-sum the backward reads. Raises ValueError for a label
+    outside ``[0, V)`` before any kernel runs (:func:`check_label_values`)."""
+    check_label_values(labels, logits.shape[-1], ignore_index)
+    stats = backend_module(backend).forward(logits, labels, ignore_index)
+    num_tokens = (labels != ignore_index).sum(dim=1)
+    logps, entropy, mean_logits = reduce_tokens(stats, num_tokens, logits.shape[-1])
+    return logps, num_tokens, entropy, mean_logits, torch.stack((stats.row_max, stats.log_sum))
+
+
+@_sequence_logps_op.register_fake
+def _(logits, labels, ignore_index, backend, inplace_backward):
+    n, t, _ = logits.shape
+    dtype = stat_dtype(logits.dtype)
+    per_seq = [logits.new_empty(n, dtype=dtype) for _ in range(3)]
+    num_tokens = labels.new_empty(n, dtype=torch.int64)
+    return per_seq[0], num_tokens, per_seq[1], per_seq[2], logits.new_empty(2, n, t, dtype=dtype)
+
+
+@torch.library.custom_op("pyfastpo::sequence_logps_backward", mutates_args=())
+def _backward_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    saved: torch.Tensor,
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+) -> torch.Tensor:
+    """The gradient w.r.t. ``logits`` in a fresh (contiguous) tensor."""
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    backend_module(backend).backward(logits, labels, saved[0], saved[1], grad_scale, ignore_index, out)
+    return out
+
+
+@_backward_op.register_fake
+def _(logits, labels, saved, grad_scale, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("pyfastpo::sequence_logps_backward_", mutates_args=("logits",))
+def _backward_inplace_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    saved: torch.Tensor,
+    grad_scale: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+) -> None:
+    """The gradient w.r.t. ``logits`` written into ``logits`` (the op bumps their version counter)."""
+    backend_module(backend).backward(logits, labels, saved[0], saved[1], grad_scale, ignore_index, logits)
+
+
+@_backward_inplace_op.register_fake
+def _(logits, labels, saved, grad_scale, ignore_index, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, backend, inplace_backward = inputs
+    ctx.save_for_backward(logits, labels, output[4])
+    ctx.ignore_index, ctx.backend, ctx.inplace = ignore_index, backend, inplace_backward
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_logps, *_):
+    logits, labels, saved = ctx.saved_tensors
+    with torch.no_grad():
+        grad_scale = grad_logps.to(saved.dtype).contiguous()
+        args = (labels, saved, grad_scale, ctx.ignore_index, ctx.backend)
         if ctx.inplace:
-            # The logits now hold their gradient: make any other saved use of them fail loudly.
-            torch.autograd.graph.increment_version(logits)
-        return first_order_only((out, None, None, None, None), (logits,), "sequence_logps")
+            # The op bumps the logits' version: any other saved use of them fails loudly.
+            _backward_inplace_op(logits, *args)
+            out = logits
+        else:
+            out = _backward_op(logits, *args)
+    return first_order_only((out, None, None, None, None), (logits,), "sequence_logps")
+
+
+_sequence_logps_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _has_internal_overlap(x: torch.Tensor) -> bool:
@@ -115,6 +185,9 @@ def can_overwrite(logits: torch.Tensor) -> bool:
     must belong to a tensor produced by autograd (never a leaf the caller owns, even
     through a view of it) and no two elements may share memory."""
     owner = logits._base if logits._base is not None else logits
+    if torch.compiler.is_compiling():
+        # dynamo cannot read an intermediate's grad_fn; `is_leaf` says the same here.
+        return logits.requires_grad and not owner.is_leaf and not _has_internal_overlap(logits)
     return owner.grad_fn is not None and not _has_internal_overlap(logits)
 
 
@@ -153,7 +226,7 @@ def sequence_logps(
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward)
     impl = get_backend(backend, logits.device, logits.dtype)
     inplace = inplace_backward and can_overwrite(logits)
-    logps, num_tokens, entropy, mean_logits = _SequenceLogpsFunction.apply(
-        logits, labels, int(ignore_index), impl, inplace
+    logps, num_tokens, entropy, mean_logits, _ = _sequence_logps_op(
+        logits, labels, int(ignore_index), impl.name, inplace
     )
     return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)

@@ -38,7 +38,9 @@ def check_plain_tensor(name: str, x) -> None:
         raise ValueError(f"{name} must be a dense strided tensor, got a {kind} tensor; convert it (e.g. .to_dense())")
     if x.device.type == "meta":
         raise ValueError(f"{name} is on the meta device (no data); pass a tensor with storage")
-    if x.is_neg() or x.is_conj():  # lazy views: the memory holds the un-negated values
+    # Lazy views: the memory holds the un-negated values. (Under torch.compile the
+    # check is skipped: dynamo cannot trace it, and the ops receive functionalized tensors.)
+    if not torch.compiler.is_compiling() and (x.is_neg() or x.is_conj()):
         raise ValueError(f"{name} is a lazy negated/conjugated view; pass {name}.resolve_neg().resolve_conj()")
 
 
@@ -48,8 +50,8 @@ def check_logits_labels(
     """Validate ``logits [N, T, V]`` and ``labels [N, T]``; return labels as contiguous int64.
 
     Checks the tensor kind (:func:`check_plain_tensor`), dtype, rank, shapes,
-    devices, unit last stride and that every label is ``ignore_index`` or in
-    ``[0, V)`` (so no kernel ever reads out of bounds). ``name`` names the logits
+    devices and unit last stride (label values: :func:`check_label_values`, in the
+    ops). ``name`` names the logits
     in messages (e.g. ``ref_logits``).
     """
     check_plain_tensor(name, logits)
@@ -74,8 +76,9 @@ def check_logits_labels(
 def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: int, against: str) -> torch.Tensor:
     """Validate ``labels`` of ``shape`` against a vocabulary of ``vocab``; return contiguous int64.
 
-    Every label must be ``ignore_index`` or in ``[0, vocab)`` (so no kernel ever
-    reads out of bounds). ``against`` names the tensor the shape comes from.
+    Metadata only (dtype, rank, shape, ``ignore_index``): the values, every label
+    ``ignore_index`` or in ``[0, vocab)``, are checked by :func:`check_label_values`
+    inside the ops. ``against`` names the tensor the shape comes from.
     """
     check_plain_tensor("labels", labels)
     try:
@@ -96,7 +99,18 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
         )
     if vocab < 1:
         raise ValueError("the vocabulary (logits' last dimension, weight's first) must be at least 1")
-    labels = labels.to(torch.int64).contiguous()
+    return labels.to(torch.int64).contiguous()
+
+
+def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise ValueError unless every label is ``ignore_index`` or in ``[0, vocab)``.
+
+    It reads the labels' values, so it runs inside the custom ops (just before their
+    kernels, as torch's own ``gather`` checks its indices), never in the traced Python
+    of an entry point: under ``torch.compile`` it is part of the opaque op, not a graph
+    break. On CPU tensors it costs no synchronization; on a GPU one ``.any()`` sync
+    per call (the kernels also skip any out-of-range label, so memory stays safe).
+    """
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         first = bad.nonzero()[0].tolist()
@@ -104,7 +118,6 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
             f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
             f"labels{first} = {int(labels[tuple(first)])}. Mask padding and prompt tokens with ignore_index"
         )
-    return labels
 
 
 def check_reference_input(

@@ -14,7 +14,15 @@ import torch
 
 from .base import KERNEL_DTYPES, TokenStats
 
-__all__ = ["BACKENDS", "TokenStats", "available_backends", "backend_reasons", "check_backend_available", "get_backend"]
+__all__ = [
+    "BACKENDS",
+    "TokenStats",
+    "available_backends",
+    "backend_module",
+    "backend_reasons",
+    "check_backend_available",
+    "get_backend",
+]
 
 BACKENDS = ("reference", "triton", "cuda", "cpp")
 """Every backend name ``sequence_logps`` accepts, besides ``"auto"``."""
@@ -37,11 +45,24 @@ _HOW_TO_GET = {
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
 
 
+_LOADED: dict[str, tuple[ModuleType | None, str | None]] = {}
+"""``_module``'s results: after the first call a dict look-up, which torch.compile
+traces (it cannot trace ``importlib``)."""
+
+
 def _module(name: str) -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module(_MODULES[name]), None
-    except ImportError as err:  # a compiled extension or triton is missing
-        return None, f"it could not be imported ({err})"
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(_MODULES[name]), None
+        except ImportError as err:  # a compiled extension or triton is missing
+            _LOADED[name] = None, f"it could not be imported ({err})"
+    return _LOADED[name]
+
+
+def backend_module(name: str) -> ModuleType:
+    """The module of backend ``name`` (not ``"auto"``), already known to be importable:
+    how the custom ops find the backend their ``backend`` argument names."""
+    return _module(name)[0]
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -110,3 +131,10 @@ def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleTy
             "use backend='reference' for float64"
         )
     return _module(name)[0]
+
+
+# Load the backends now, not on first use inside a torch.compile'd function (where the
+# import would be a graph break). Triton only where it can run without its interpreter
+# (a CUDA machine; torch.compile imports it there anyway): importing it costs seconds.
+for _name in ("reference", "cpp", "cuda") + (("triton",) if torch.cuda.is_available() else ()):
+    _module(_name)
