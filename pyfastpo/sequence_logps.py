@@ -184,10 +184,13 @@ def can_overwrite(logits: torch.Tensor) -> bool:
     """Whether the backward may write the gradient into ``logits``' storage: the storage
     must belong to a tensor produced by autograd (never a leaf the caller owns, even
     through a view of it) and no two elements may share memory."""
-    owner = logits._base if logits._base is not None else logits
     if torch.compiler.is_compiling():
-        # dynamo cannot read an intermediate's grad_fn; `is_leaf` says the same here.
-        return logits.requires_grad and not owner.is_leaf and not _has_internal_overlap(logits)
+        # Never under torch.compile: dynamo cannot read grad_fn, and it does not guard on
+        # is_leaf, so a graph compiled for a non-leaf input would be reused for a leaf the
+        # caller owns and overwrite it. The compiled backward writes a fresh tensor
+        # (one logits-sized buffer more than eager; README, "torch.compile").
+        return False
+    owner = logits._base if logits._base is not None else logits
     return owner.grad_fn is not None and not _has_internal_overlap(logits)
 
 
