@@ -28,9 +28,11 @@ full cross product on every architecture (benchmarks/results/aot-all-configs-202
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from pyfastpo.bench import aot
+from pyfastpo.bench import aot, environment, report
 
 # Found by this sweep and tolerated (the kernels are not changed here): with triton 3.8.0's
 # ptxas for sm_100 (CUDA 13.3), the 16-bit forward at BLOCK_V 1024 / 2 warps and 2048 / 4
@@ -100,7 +102,7 @@ def test_cuda_kernels_of_every_architecture_are_all_there(result):
     assert len(next(iter(names.values()))) == 21  # 3 dtypes x (3 forward + 3 vector backward + 1 scalar backward)
 
 
-# -- The harness on made-up data (no compiler) ------------------------------------------------
+# -- The harness and the bench's record of registers, on made-up data (no compiler) --------
 
 
 def test_access_widths_and_the_vector_rule():
@@ -133,3 +135,94 @@ Resource usage:
   REG:63 STACK:8 SHARED:0 LOCAL:4 CONSTANT[0]:464 TEXTURE:0 SURFACE:0 SAMPLER:0
 """
     assert aot.parse_res_usage(text) == {"80": {"_Z1kv": (40, 0)}, "90": {"_Z1kv": (63, 12)}}
+
+
+class _FakeJit:
+    """What ``environment.triton_resources`` reads of a ``triton.jit`` function after launches."""
+
+    __name__ = "_logps_forward_kernel"
+
+    def __init__(self):
+        names = ["logits_ptr", "labels_ptr", "T", "V", "stride_n", "stride_t", "BLOCK_V"]
+        src = SimpleNamespace(
+            fn=SimpleNamespace(arg_names=names),
+            signature={"logits_ptr": "*bf16"},
+            constants={(6,): 4096},
+            # As the JIT records them: every non-constexpr argument, [] where not divisible by 16.
+            attrs={(i,): [["tt.divisibility", 16]] if i in (0, 3, 5) else [] for i in range(6)},
+        )
+        meta = SimpleNamespace(num_warps=8, target=SimpleNamespace(arch=90))
+        loaded = SimpleNamespace(src=src, metadata=meta, n_regs=47, n_spills=0)
+        unaligned = {(i,): [["tt.divisibility", 16]] if i == 0 else [] for i in range(6)}
+        odd = SimpleNamespace(src=SimpleNamespace(**{**vars(src), "attrs": unaligned}), metadata=meta)  # never loaded
+        self.device_caches = {0: ({"a": loaded, "b": odd}, {}, None, None, None)}
+
+
+def test_triton_registers_are_read_from_the_jit_cache():
+    rows = environment.triton_resources([_FakeJit()])
+    assert rows == [
+        {
+            "backend": "triton",
+            "kernel": "_logps_forward_kernel<bf16,BLOCK_V=4096,8 warps,aligned>",
+            "arch": "sm_90",
+            "registers": 47,
+            "local_bytes": 0,
+        },
+        {
+            "backend": "triton",
+            "kernel": "_logps_forward_kernel<bf16,BLOCK_V=4096,8 warps,unaligned>",
+            "arch": "sm_90",
+            "registers": None,
+            "local_bytes": None,
+        },
+    ]
+    assert environment.kernel_lines(rows) == [
+        "  - triton `_logps_forward_kernel<bf16,BLOCK_V=4096,8 warps,aligned>` (sm_90): "
+        "47 registers, 0 bytes local memory",
+        "  - triton `_logps_forward_kernel<bf16,BLOCK_V=4096,8 warps,unaligned>` (sm_90): unknown",
+    ]
+
+
+def _meta(device_type: str, **extra) -> dict:
+    return {
+        "device": "GPU" if device_type == "cuda" else "CPU",
+        "device_type": device_type,
+        "torch": "2",
+        "triton": "3",
+        "pyfastpo": "0",
+        "python": "3",
+        "date": "d",
+        "git_commit": "c",
+        "command": "python -m pyfastpo.bench",
+        "dtype": "bfloat16",
+        "repeats": 1,
+        "warmup": 0,
+        "cpp_isa": "avx2",
+        "load_average": 0.0,
+        "omp_wait_policy": "unset",
+        **extra,
+    }
+
+
+def test_the_results_list_the_gpu_kernels_on_a_gpu_only():
+    kernels = [
+        {"backend": "cuda", "kernel": "forward<bf16,vec,512>", "arch": "sm_90", "registers": 63, "local_bytes": 0},
+        {"backend": "cuda", "kernel": "all", "arch": "sm_100", "registers": "unknown (no SASS)", "local_bytes": None},
+    ]
+    text = report.markdown(_meta("cuda", gpu_kernels=kernels), [], [], [])
+    assert "- GPU kernels the run launched (registers, local memory; nonzero local memory means spills):" in text
+    assert "  - cuda `forward<bf16,vec,512>` (sm_90): 63 registers, 0 bytes local memory" in text
+    assert "  - cuda `all` (sm_100): unknown (no SASS)" in text
+    assert "  - none of pyfastpo's" in report.markdown(_meta("cuda", gpu_kernels=[]), [], [], [])
+    assert "GPU kernels" not in report.markdown(_meta("cpu"), [], [], [])
+
+
+def test_cuda_extension_registers_are_read_from_the_built_module():
+    pytest.importorskip("pyfastpo.backends._cuda", reason="the CUDA extension is not built here")
+    rows = environment.cuda_resources("bf16", "90")  # setup.py builds sm_80 and sm_90 SASS
+    assert {r["kernel"] for r in rows} == {"backward<bf16,scalar>"} | {
+        f"{k}<bf16,vec,{t}>" for k in ("forward", "backward") for t in (128, 256, 512)
+    }
+    assert all(isinstance(r["registers"], int) and r["registers"] > 0 and r["local_bytes"] == 0 for r in rows)
+    (unknown,) = environment.cuda_resources("bf16", "100")  # PTX only: JIT-compiled on the device
+    assert unknown["registers"].startswith("unknown")
