@@ -663,8 +663,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.configs:
         result = sweep(ARCHS, args.full)
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        if args.json:  # a row per line
+            rows = ",\n  ".join(json.dumps(r) for r in result["rows"])
+            head = f'"configs": {json.dumps(result["configs"])},\n "skipped": {json.dumps(result["skipped"])}'
+            Path(args.json).write_text(f'{{{head},\n "rows": [\n  {rows}\n]}}\n')
         print("\n".join(config_table(result)))
         return
     arch = args.arch
