@@ -14,6 +14,13 @@ innermost loops that load from global memory are candidates, and the one moving
 the most bytes per iteration is the hot one (the unrolled main loop, not its
 remainder). Instructions per element = its instruction count / the elements its
 global loads bring in.
+
+Every launch configuration: :func:`sweep` compiles the Triton kernels at each
+``(dtype, BLOCK_V, num_warps)`` that ``launch_config`` picks for :data:`VOCABS`, with the
+aligned and the unaligned specialization, and the CUDA kernels, for each of :data:`ARCHS`
+(in parallel processes); :func:`problems` says what a row fails (compilation, spills,
+16-byte vectors). ``tests/test_aot_configs.py`` holds it to that;
+``python -m pyfastpo.bench.aot --configs [--full]`` prints the table.
 """
 
 from __future__ import annotations
