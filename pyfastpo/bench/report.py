@@ -13,6 +13,7 @@ import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from . import environment
 from .measure import __doc__ as MEASURE_DOC
 
 MIB = 2**20
@@ -99,6 +100,9 @@ def markdown(meta: dict, rows: list[dict], skipped: list[dict], plots: list[str]
             f"OMP_WAIT_POLICY={meta['omp_wait_policy']} (on a CPU shared with other work, spinning "
             "OpenMP threads stall each other; `passive` keeps timings stable)"
         )
+    if meta.get("gpu_kernels") is not None:
+        out.append("- GPU kernels the run launched (registers, local memory; nonzero local memory means spills):")
+        out += environment.kernel_lines(meta["gpu_kernels"]) or ["  - none of pyfastpo's"]
     if has_copy:
         out.append(
             f"- measured device copy bandwidth: {meta['copy_bandwidth_gbs']:.1f} GB/s "
@@ -195,7 +199,12 @@ def plots(rows: list[dict], out_dir: Path, meta: dict) -> list[str]:
 
 
 def write(out_dir: Path, meta: dict, rows: list[dict], skipped: list[dict]) -> dict:
-    """results.md, results.json and the plots under ``out_dir``; returns a summary."""
+    """results.md, results.json and the plots under ``out_dir``; returns a summary.
+
+    On a CUDA device ``meta`` gains ``gpu_kernels``: the kernels this process launched
+    during the sweep, with their registers (read here, after the sweep)."""
+    if meta.get("device_type") == "cuda" and "gpu_kernels" not in meta:
+        meta["gpu_kernels"] = environment.kernel_resources(meta.get("dtype"))
     out_dir.mkdir(parents=True, exist_ok=True)
     names = plots(rows, out_dir, meta)
     (out_dir / "results.md").write_text(markdown(meta, rows, skipped, names))
