@@ -21,9 +21,13 @@ kernel; on the aligned specialization, wherever the block gives every thread at 
 bytes, the forward's hot loop loads and the backward's hot loop stores 16-byte vectors
 (LDG.E.128 / STG.E.128). Smaller blocks (V <= 128 in 16-bit, <= 64 in fp32) cannot.
 
-Time (2-core machine, cold Triton cache): ~220 s of CPU, ~2 min of wall time when the
-CPUs are otherwise idle; ``python -m pyfastpo.bench.aot --configs --full`` compiles the
-full cross product on every architecture (benchmarks/results/aot-all-configs-2026-11-26).
+Time, measured on the 2-core dev machine with a cold Triton cache (248 Triton
+compilations, 3 nvcc runs): ~265 s of CPU; 230 s of wall time in the full suite (420 s
+in a run while other jobs kept the load average near 6). A warm Triton cache
+(~/.triton/cache) reads the compilations back: then nvcc and the disassembly dominate
+(~110 s of CPU even for the full cross product). The full cross product on every
+architecture: ``python -m pyfastpo.bench.aot --configs --full``
+(benchmarks/results/aot-all-configs-2026-11-26).
 """
 
 from __future__ import annotations
