@@ -6,8 +6,10 @@ PY     := $(VENV)/bin/python
 # with an NVIDIA GPU takes the default (CUDA) build.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 STAMP  := $(VENV)/.pyfastpo-installed
-# The package is installed under a constraint that keeps that torch: otherwise a
-# dependency (trl, peft, ...) could pull a multi-GB CUDA build.
+# The package is installed (with the dev and bench extras: the bench extra brings
+# Liger-Kernel and Cut Cross-Entropy, which `make demo`'s bench runs beside pyfastpo)
+# under a constraint that keeps that torch: otherwise a dependency (trl, peft,
+# liger-kernel, ...) could pull a multi-GB CUDA build.
 
 .PHONY: setup lint test demo bench wheel gpu-wheels clean
 
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" triton==3.8.0 numpy
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,bench]"
 	touch $(STAMP)
 
 # Lint and format (ruff, configured in pyproject.toml; the same hooks run from

@@ -19,8 +19,9 @@ SIZES = "2x16x512,2x32x512,2x32x1024"  # two sequence lengths at one V, two V at
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    # --quick's sizes are cut further and torch.compile (tens of seconds of compiling) is left
-    # out so that this stays fast; the skip of "compile" is itself checked below.
+    # --quick's sizes are cut further, one prompt fraction, and the torch.compile'd contenders
+    # (TRL compiled, Liger, CCE: tens of seconds of compiling each) are left out so that this
+    # stays fast; their skips are checked below, the peers run in test_peers_run_on_the_cpu.
     argv = [
         "--quick",
         "--device",
@@ -33,8 +34,10 @@ def bench_run(tmp_path_factory):
         "1",
         "--warmup",
         "0",
+        "--prompt-fractions",
+        "0.25",
         "--baselines",
-        "trl,logsoftmax,materialized,liger,cce",
+        "trl,logsoftmax,materialized",
         "--no-progress",
         "--out",
         str(out),
@@ -77,7 +80,7 @@ def test_table_has_a_row_per_contender_and_size(bench_run):
             assert name in runnable, f"{name} did not run: {data['skipped']}"
             for size in SIZES.split(","):
                 label = size if path == "logits" else f"{size}x32"
-                assert f"| {name} | {label} |" in md, f"no row for {name} at {label}"
+                assert f"| {name} | {label} | 0.25 |" in md, f"no row for {name} at {label}"
     assert len(data["rows"]) == 3 * sum(len(v) for v in expected.values())
     for header in ["device:", "torch ", "date:", "git commit:", "command: `python -m pyfastpo.bench --quick"]:
         assert header in md
@@ -99,11 +102,9 @@ def test_missing_and_unselected_contenders_are_skipped_with_a_reason(bench_run):
     _, out, data = bench_run
     skipped = {s["contender"]: s["reason"] for s in data["skipped"]}
     md = (out / "results.md").read_text()
-    if importlib.util.find_spec("liger_kernel") is None:
-        assert "liger-kernel is not installed" in skipped["liger"]
-        assert "| linear | liger | liger-kernel is not installed" in md
-    assert "CUDA" in skipped["cce"] or "not installed" in skipped["cce"]
-    assert "not selected" in skipped["trl-way+compile"]
+    for name in ("liger", "cce", "trl-way+compile"):
+        assert "not selected" in skipped[name]
+        assert f"| {'logits' if name.startswith('trl') else 'linear'} | {name} | not selected" in md
     assert "--include-interpreted" in skipped["pyfastpo[triton]"]
 
 
@@ -183,7 +184,7 @@ def test_explicit_sizes_run_side_by_side(tmp_path):
     )
     data = json.loads((out / "results.json").read_text())
     assert code == 0
-    assert data["meta"]["sizes"] == ["2x8x64x128", "4x8x128x128"]  # --quick's H, as the linear path labels them
+    assert data["meta"]["sizes"] == ["2x8x64x256", "4x8x128x256"]  # --quick's H, as the linear path labels them
     runs = {(r["contender"], r["size"]) for r in data["rows"]}
     for size in ("2x8x64", "4x8x128"):
         for name in ("pyfastpo[reference]", "pyfastpo[cpp]", "log_softmax+gather"):
@@ -227,3 +228,142 @@ def test_correctness_check_fails_a_wrong_contender():
         assert measure.check("logits", dtype, ref_logps, ref_grad, ref_logps, ref_grad, float32_logps=True)["passed"]
         assert not measure.check("logits", dtype, dropped, ref_grad, ref_logps, ref_grad, float32_logps=True)["passed"]
         assert not measure.check("logits", dtype, ref_logps, ref_grad + 0.5, ref_logps, ref_grad)["passed"]
+
+
+# --- prompt fractions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fractions, expected",
+    [
+        (None, [0.0, 0.25, 0.5]),  # the CPU default, with or without --quick
+        (["0,0.25,0.5"], [0.0, 0.25, 0.5]),
+        (["0.5", "0"], [0.5, 0.0]),  # space-separated, in the order given
+        (["0,", "0.25"], [0.0, 0.25]),  # "A, B" unquoted
+        (["0.9"], [0.9]),
+    ],
+)
+def test_prompt_fractions_are_parsed(fractions, expected):
+    argv = ["--device", "cpu"] + (["--prompt-fractions", *fractions] if fractions else [])
+    assert cli.parse_args(argv).fraction_list == expected
+    assert cli.parse_args([*argv, "--quick"]).fraction_list == expected
+
+
+@pytest.mark.parametrize(
+    "fractions, message",
+    [
+        (["1"], "'1' is not in [0, 1)"),
+        (["0,1.5"], "'1.5' is not in [0, 1)"),
+        (["-0.25"], "'-0.25' is not in [0, 1)"),  # argparse takes a negative number as a value
+        (["0,-0.25"], "'-0.25' is not in [0, 1)"),
+        (["nan"], "'nan' is not in [0, 1)"),
+        (["half"], "'half' is not a number"),
+        (["25%"], "'25%' is not a number"),
+        (["0.25,0.25"], "'0.25' is given twice"),
+        ([","], "--prompt-fractions: no fraction given"),
+        ([], "expected at least one argument"),
+    ],
+)
+def test_bad_prompt_fractions_are_rejected(capsys, fractions, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--device", "cpu", "--prompt-fractions", *fractions])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert "pyfastpo-bench: error:" in err and message in err, err
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("seq_len", [1, 2, 5, 16, 64])
+def test_labels_follow_the_prompt_fraction(fraction, seq_len):
+    """The first floor(T * fraction) positions are prompt (ignored), every row keeps a
+    completion token, and the default (a quarter) is the labels the earlier sweeps used."""
+    from pyfastpo.bench.data import IGNORE, make_labels
+
+    labels = make_labels(6, seq_len, 50, torch.Generator().manual_seed(3), fraction)
+    prompt = min(int(seq_len * fraction), seq_len - 1)
+    assert (labels[:, :prompt] == IGNORE).all()
+    assert ((labels != IGNORE).sum(-1) >= 1).all()
+    assert ((labels[:, prompt:] != IGNORE).sum(-1) >= seq_len - prompt - seq_len // 4).all()  # padding <= T/4
+    # the quarter-prompt labels of every earlier sweep, unchanged
+    g = torch.Generator().manual_seed(3)
+    old = torch.randint(0, 50, (6, seq_len), generator=g)
+    old[:, : seq_len // 4] = IGNORE
+    for row in range(6):
+        old[row, seq_len - int(torch.randint(0, seq_len // 4 + 1, (1,), generator=g)) :] = IGNORE
+    assert torch.equal(make_labels(6, seq_len, 50, torch.Generator().manual_seed(3)), old)
+
+
+# --- the fused-linear peers on the CPU ---------------------------------------------------------
+
+PEERS = {"liger": ("liger_kernel", "liger-kernel"), "cce": ("cut_cross_entropy", "cut-cross-entropy")}
+PEER_FRACTIONS = (0.0, 0.25, 0.5)
+
+
+def test_peers_are_registered_on_the_linear_path():
+    from pyfastpo.bench import contenders
+
+    registered = {c.name: c for c in contenders.registry()}
+    for name in PEERS:
+        c = registered[name]
+        assert c.path == "linear" and c.group == name and name in contenders.BASELINE_GROUPS
+        assert not c.oracle and not c.baseline
+        assert c.skip_on_failure  # a broken torch.compile skips it with the error, it never ends the sweep
+    assert contenders.CCE_IMPL == {"cuda": "cce", "cpu": "torch_compile"}
+
+
+@pytest.fixture(scope="module")
+def peers_run(tmp_path_factory):
+    """Liger and CCE beside pyfastpo at a tiny size on the CPU, at three prompt fractions."""
+    out = tmp_path_factory.mktemp("peers")
+    argv = [
+        "--device",
+        "cpu",
+        "--path",
+        "linear",
+        "--sizes",
+        "2x16x256",
+        "--hidden",
+        "16",
+        "--prompt-fractions",
+        ",".join(map(str, PEER_FRACTIONS)),
+        "--backends",
+        "cpp",
+        "--baselines",
+        "liger,cce",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    code = cli.main(argv)
+    return code, out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(PEERS))
+def test_peers_run_on_the_cpu(peers_run, name):
+    """Each peer runs on the CPU when installed, at every prompt fraction, and agrees with
+    ``reference`` (logps, both gradients and the loss) within the float32 linear-path tolerance;
+    when it is not installed it is listed as skipped with the pip name to install."""
+    code, out, data = peers_run
+    module, pip_name = PEERS[name]
+    skipped = {s["contender"]: s["reason"] for s in data["skipped"]}
+    if importlib.util.find_spec(module) is None:
+        assert f"{pip_name} is not installed" in skipped[name]
+        pytest.skip(f"{pip_name} is not installed: {skipped[name]}")
+    assert name not in skipped, skipped.get(name)
+    assert code == 0
+    rows = [r for r in data["rows"] if r["contender"] == name]
+    assert sorted(r["prompt_fraction"] for r in rows) == list(PEER_FRACTIONS)
+    for r in rows:
+        assert r["status"] == "ok" and r["passed"], r
+        assert r["d_loss"] <= r["allow_loss"] and r["d_logps"] <= r["allow_logps"] and r["d_grad"] <= r["allow_grad"]
+        assert r["total_ms"] > 0 and r["peak_bytes"] >= 0 and r["time_ratio"] is None  # no materialized run
+    md = (out / "results.md").read_text()
+    for f in PEER_FRACTIONS:
+        assert f"| {name} | 2x16x256x16 | {f:g} |" in md
+    if name == "cce":
+        assert "impl='torch_compile'" in data["meta"]["sources"]["cce"]
+    assert "linear_vs_prompt_fraction.png" in data["plots"]

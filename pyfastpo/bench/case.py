@@ -1,4 +1,4 @@
-"""One benchmark case: the inputs of a (path, size) and the three callables every measurement takes.
+"""One benchmark case: the inputs of a (path, size, prompt fraction) and the three callables every measurement takes.
 
 ``prepare()`` makes a run's inputs (untimed): on the logits path a fresh
 non-leaf copy of the logits, like a model's output, so that in-place backwards
@@ -18,12 +18,20 @@ from .data import IGNORE, Size, make_labels, random_tensor
 
 
 class Case:
-    """Inputs of one (path, size) and the three callables the measurements take."""
+    """Inputs of one (path, size, prompt fraction) and the three callables the measurements take."""
 
-    def __init__(self, path: str, size: Size, dtype: torch.dtype, device: torch.device, seed: int):
-        self.path, self.size = path, size
+    def __init__(
+        self,
+        path: str,
+        size: Size,
+        dtype: torch.dtype,
+        device: torch.device,
+        seed: int,
+        prompt_fraction: float = 0.25,
+    ):
+        self.path, self.size, self.prompt_fraction = path, size, prompt_fraction
         g = torch.Generator().manual_seed(seed)
-        self.labels = make_labels(size.n, size.t, size.v, g).to(device)
+        self.labels = make_labels(size.n, size.t, size.v, g, prompt_fraction).to(device)
         self.valid = int((self.labels != IGNORE).sum())
         if path == "logits":
             self.base = random_tensor((size.n, size.t, size.v), dtype, device, seed, 2.0).requires_grad_()
@@ -60,10 +68,12 @@ class Case:
         return prepare, forward, backward
 
     def first_call(self, op):
-        """(logps, gradient(s)) of one fwd+bwd, for the correctness check."""
+        """(logps, gradient(s), loss) of one fwd+bwd, for the correctness check (loss: None
+        on the logits path)."""
         prepare, forward, backward = self.callables(op)
         x = prepare()
         out = forward(x)
         grad = backward(x, out)
-        logps = out if self.path == "logits" else out[1]
-        return logps.detach(), grad
+        if self.path == "logits":
+            return out.detach(), grad, None
+        return out[1].detach(), grad, out[0].detach()

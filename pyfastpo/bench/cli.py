@@ -1,6 +1,6 @@
 """``python -m pyfastpo.bench`` / ``pyfastpo-bench``: argument parsing and the sweep loop.
 
-For each path (logits, linear), size and contender: one first call checked
+For each path (logits, linear), size, prompt fraction and contender: one first call checked
 against ``reference``, timed runs (fwd, bwd, fwd+bwd), one peak-memory run.
 Writes ``results.md``, ``results.json`` and plots to ``--out`` (default
 ``out/bench/<device>-<YYYY-MM-DD>/``); prints the markdown tables at the end.
@@ -20,11 +20,14 @@ import torch
 
 from . import contenders, environment, measure
 from .case import Case
-from .data import parse_sizes
+from .data import parse_prompt_fractions, parse_sizes
 
 DEFAULTS = {
     # (device type, quick): (sizes, hidden width, repeats, warmup)
-    ("cpu", True): ("2x32x4096,2x64x4096,2x64x8192", 128, 3, 1),
+    # --quick on a CPU: one shape, so that each torch.compile'd contender (TRL compiled, Liger,
+    # CCE) compiles once (15-40 s each on 2 cores: most of the run); the prompt fractions vary
+    # only which labels are ignored, not a shape.
+    ("cpu", True): ("4x128x16384", 256, 3, 1),
     ("cpu", False): ("4x64x32000,4x128x32000,4x256x32000,4x128x128256", 512, 5, 1),
     ("cuda", True): ("4x256x32000,4x512x32000,4x512x128256", 1024, 10, 2),
     ("cuda", False): (
@@ -34,6 +37,10 @@ DEFAULTS = {
         3,
     ),
 }
+PROMPT_FRACTIONS = {"cpu": "0,0.25,0.5", "cuda": "0.25"}
+"""Default ``--prompt-fractions`` per device type (with or without ``--quick``): the CPU
+sweeps put Liger-Kernel (which projects every position) and Cut Cross-Entropy and
+pyfastpo (which project only valid ones) side by side at no, a quarter and half prompt."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 BENCH_EXTRA = "bench"
 """The pyproject extra (``pip install 'pyfastpo[bench]'``) that provides :data:`EXTRA_MODULES`."""
@@ -73,7 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "Cut Cross-Entropy: time, peak memory, bandwidth and correctness against `reference`.",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (under a minute on a CPU)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one small size (CPU) or a few (GPU) and few repeats: 2-3 minutes on a 2-core CPU, most of it "
+        "torch.compile compiling",
+    )
     p.add_argument(
         "--out", help=f"directory for results.md, results.json and plots (default: {OUT_ROOT}/<device>-<YYYY-MM-DD>)"
     )
@@ -85,6 +97,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "width; default --hidden); default: a sweep per device, smaller with --quick",
     )
     p.add_argument("--hidden", type=int, help="hidden width H of the linear path when a size gives none")
+    p.add_argument(
+        "--prompt-fractions",
+        nargs="+",
+        metavar="F",
+        help="fractions of each row that is prompt (label ignored), each in [0, 1), comma- or space-separated; "
+        "every size runs at each (default: "
+        + ", ".join(f"{d}: {f}" for d, f in PROMPT_FRACTIONS.items())
+        + "); up to a quarter of each row is padding on top",
+    )
     p.add_argument(
         "--dtype", choices=list(DTYPES), help="logits / hidden dtype (default: bfloat16 on cuda, float32 on cpu)"
     )
@@ -117,6 +138,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.size_list = parse_sizes(",".join(args.sizes) if args.sizes else sizes, args.hidden)
     except ValueError as err:
         p.error(f"--sizes: {err}")
+    fractions = " ".join(args.prompt_fractions) if args.prompt_fractions else PROMPT_FRACTIONS[args.device]
+    try:
+        args.fraction_list = parse_prompt_fractions(fractions)
+    except ValueError as err:
+        p.error(f"--prompt-fractions: {err}")
     args.repeats = args.repeats or repeats
     args.warmup = warmup if args.warmup is None else args.warmup
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -136,7 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _row(path, size, contender, valid) -> dict:
+def _row(case: Case, contender) -> dict:
+    path, size = case.path, case.size
     return {
         "path": path,
         "contender": contender.name,
@@ -145,7 +172,8 @@ def _row(path, size, contender, valid) -> dict:
         "t": size.t,
         "v": size.v,
         "h": size.h if path == "linear" else None,
-        "valid_tokens": valid,
+        "prompt_fraction": case.prompt_fraction,
+        "valid_tokens": case.valid,
         "status": "ok",
         "error": "",
         "oracle": contender.oracle,
@@ -158,10 +186,22 @@ def measure_contender(case: Case, contender, op, reference, args, device, dtype,
     oracle's result is what the later contenders are checked against)."""
     if reference is None and not contender.oracle:
         raise RuntimeError("the reference (oracle) failed at this size: there is nothing to check against")
-    row = _row(case.path, case.size, contender, case.valid)
-    result = case.first_call(op)
+    row = _row(case, contender)
+    result = case.first_call(op)  # (logps, grad, loss)
     ref = result if contender.oracle else reference
-    row.update(measure.check(case.path, dtype, *result, *ref, float32_logps=contender.group == "pyfastpo"))
+    row.update(
+        measure.check(
+            case.path,
+            dtype,
+            result[0],
+            result[1],
+            ref[0],
+            ref[1],
+            float32_logps=contender.group == "pyfastpo",
+            got_loss=result[2],
+            ref_loss=ref[2],
+        )
+    )
     if not contender.oracle:
         result = None
     prepare, forward, backward = case.callables(op)
@@ -213,6 +253,7 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
         warmup=args.warmup,
         paths=paths,
         sizes=[s.label("linear") for s in args.size_list],
+        prompt_fractions=args.fraction_list,
         sources={},
     )
     copy_bytes = (1 << 30) if device.type == "cuda" else (64 << 20 if args.quick else 256 << 20)
@@ -235,14 +276,15 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
             meta["sources"][c.name] = source
             runnable[path].append((c, op))
 
-    total = sum(len(runnable[p]) for p in paths) * len(args.size_list)
+    cases = [(size, f) for size in args.size_list for f in args.fraction_list]
+    total = sum(len(runnable[p]) for p in paths) * len(cases)
     bar = tqdm(total=total, disable=args.no_progress, file=sys.stderr, dynamic_ncols=True, unit="run")
     for path in paths:
-        for size in args.size_list:
-            case = Case(path, size, dtype, device, args.seed)
+        for size, fraction in cases:
+            case = Case(path, size, dtype, device, args.seed, fraction)
             reference, size_rows = None, []
             for c, op in list(runnable[path]):
-                bar.set_description(f"{path} {size.label(path)} {c.name}")
+                bar.set_description(f"{path} {size.label(path)} prompt {fraction:g} {c.name}")
                 try:
                     row, result = measure_contender(case, c, op, reference, args, device, dtype, copy_bw)
                     if c.oracle:
@@ -255,10 +297,10 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
                             {"path": path, "contender": c.name, "reason": f"failed: {contenders.first_line(err)}"}
                         )
                         runnable[path].remove((c, op))
-                        bar.total -= len(args.size_list)
+                        bar.total -= len(cases)
                         bar.refresh()
                         continue
-                    row = _row(path, size, c, case.valid)
+                    row = _row(case, c)
                     row.update(status="error", error=contenders.first_line(err), passed=False)
                 row["baseline"] = c.baseline
                 size_rows.append(row)

@@ -1,8 +1,9 @@
 """Benchmark inputs: random logits / hidden states, DPO-shaped labels, and sweep sizes.
 
-Labels look like a DPO batch: the first quarter of every row is prompt
-(``IGNORE``), then the completion, then right padding of random length (up to a
-quarter of the row). ``trl_way_logps`` is the plain float32 ``log_softmax`` +
+Labels look like a DPO batch: the first ``prompt_fraction`` of every row is
+prompt (``IGNORE``; a quarter unless a sweep asks for others), then the
+completion, then right padding of random length (up to a quarter of the row;
+every row keeps at least one completion token). ``trl_way_logps`` is the plain float32 ``log_softmax`` +
 ``gather`` that ``pyfastpo.demo`` also compares against.
 """
 
@@ -53,13 +54,41 @@ def parse_sizes(text: str, default_h: int) -> list[Size]:
     return sizes
 
 
-def make_labels(n: int, seq_len: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """``[n, seq_len]`` int64 labels on the CPU: a prompt (first quarter ignored), the
-    completion, and right padding of random length up to a quarter of the row."""
+def parse_prompt_fractions(text: str) -> list[float]:
+    """``"0,0.25,0.5"`` (comma- or space-separated) to prompt fractions, each in [0, 1), no repeats."""
+    fractions = []
+    for item in filter(None, re.split(r"[,\s]+", text)):
+        try:
+            f = float(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number (give fractions such as 0,0.25,0.5)") from None
+        if not 0.0 <= f < 1.0:  # NaN fails too
+            raise ValueError(f"{item!r} is not in [0, 1): it is the fraction of each row that is prompt")
+        if f in fractions:
+            raise ValueError(f"{item!r} is given twice")
+        fractions.append(f)
+    if not fractions:
+        raise ValueError("no fraction given")
+    return fractions
+
+
+def prompt_length(seq_len: int, prompt_fraction: float) -> int:
+    """Prompt positions of a row: ``floor(seq_len * prompt_fraction)``, at most ``seq_len - 1``."""
+    return min(int(seq_len * prompt_fraction), max(seq_len - 1, 0))
+
+
+def make_labels(
+    n: int, seq_len: int, vocab: int, generator: torch.Generator, prompt_fraction: float = 0.25
+) -> torch.Tensor:
+    """``[n, seq_len]`` int64 labels on the CPU: a prompt (the first ``prompt_fraction`` of
+    the row ignored), the completion, and right padding of random length up to a quarter
+    of the row, cut so that every row keeps at least one completion token."""
     labels = torch.randint(0, vocab, (n, seq_len), generator=generator)
-    labels[:, : seq_len // 4] = IGNORE
+    prompt = prompt_length(seq_len, prompt_fraction)
+    labels[:, :prompt] = IGNORE
     for row in range(n):
-        labels[row, seq_len - int(torch.randint(0, seq_len // 4 + 1, (1,), generator=generator)) :] = IGNORE
+        pad = int(torch.randint(0, seq_len // 4 + 1, (1,), generator=generator))
+        labels[row, seq_len - min(pad, seq_len - prompt - 1) :] = IGNORE
     return labels
 
 

@@ -165,8 +165,19 @@ def _max_abs(a) -> float:
     return a.detach().double().abs().max().item() if a.numel() else 0.0
 
 
-def check(path: str, dtype: torch.dtype, got_logps, got_grad, ref_logps, ref_grad, float32_logps=False) -> dict:
-    """Max abs differences of logps and gradient(s) to reference, their allowed values, pass/fail.
+def check(
+    path: str,
+    dtype: torch.dtype,
+    got_logps,
+    got_grad,
+    ref_logps,
+    ref_grad,
+    float32_logps=False,
+    got_loss=None,
+    ref_loss=None,
+) -> dict:
+    """Max abs differences of logps, gradient(s) and (linear path) loss to reference, their
+    allowed values, pass/fail. The loss is held to the logps tolerance.
 
     ``float32_logps``: the contender computes log-probs in float32 from the same inputs as
     the reference (pyfastpo's backends), so its logps are held to float32's tolerance
@@ -178,4 +189,9 @@ def check(path: str, dtype: torch.dtype, got_logps, got_grad, ref_logps, ref_gra
     d_logps, d_grad = _max_diff(got_logps, ref_logps), _max_diff(got_grad, ref_grad)
     allow_l, allow_g = tol_l * max(1.0, _max_abs(ref_logps)), tol_g * max(1.0, _max_abs(ref_grad))
     ok = bool(d_logps <= allow_l and d_grad <= allow_g)  # NaN fails
-    return {"d_logps": d_logps, "d_grad": d_grad, "allow_logps": allow_l, "allow_grad": allow_g, "passed": ok}
+    out = {"d_logps": d_logps, "d_grad": d_grad, "allow_logps": allow_l, "allow_grad": allow_g}
+    if got_loss is not None and ref_loss is not None:
+        d_loss, allow_loss = _max_diff(got_loss, ref_loss), tol_l * max(1.0, _max_abs(ref_loss))
+        ok = ok and bool(d_loss <= allow_loss)
+        out.update(d_loss=d_loss, allow_loss=allow_loss)
+    return {**out, "passed": ok}

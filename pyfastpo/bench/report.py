@@ -1,9 +1,10 @@
 """Write a sweep's results: ``results.md`` (tables), ``results.json`` and PNG plots.
 
-Plots (matplotlib, Agg backend, log-log): for each path, fwd+bwd time and peak
-memory against sequence length (sizes sharing N, V and H) and against vocabulary
-size (sizes sharing N, T and H); a plot is made only where the sweep varies that
-axis over at least two points.
+Plots (matplotlib, Agg backend): for each path, fwd+bwd time and peak memory
+against sequence length (sizes sharing N, V, H and prompt fraction) and against
+vocabulary size (sizes sharing N, T, H and prompt fraction), log-log; and against
+the prompt fraction, one row of panels per size. A plot is made only where the
+sweep varies that axis over at least two points.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from . import environment
+from .measure import TOLERANCES
 from .measure import __doc__ as MEASURE_DOC
 
 MIB = 2**20
@@ -50,21 +52,18 @@ def table(rows: list[dict], path: str, has_copy: bool) -> list[str]:
             unit,
         ]
         + (["% of copy"] if has_copy and path == "logits" else [])
-        + ["max abs Δlogps", "max abs Δgrad", "check"]
+        + ["max abs Δlogps", "max abs Δgrad"]
+        + (["max abs Δloss"] if path == "linear" else [])
+        + ["check"]
     )
+    head.insert(2, "prompt")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
+        first = [r["contender"], r["size"], _fmt(r.get("prompt_fraction"), "g"), str(r["valid_tokens"])]
         if r["status"] != "ok":
-            cells = (
-                [r["contender"], r["size"], str(r["valid_tokens"])]
-                + ["-"] * (len(head) - 5)
-                + [r["error"].replace("|", "/"), "error"]
-            )
+            cells = first + ["-"] * (len(head) - 6) + [r["error"].replace("|", "/"), "error"]
         else:
-            cells = [
-                r["contender"],
-                r["size"],
-                str(r["valid_tokens"]),
+            cells = first + [
                 _fmt(r["fwd_ms"]),
                 _fmt(r["bwd_ms"]),
                 _fmt(r["total_ms"]),
@@ -75,9 +74,29 @@ def table(rows: list[dict], path: str, has_copy: bool) -> list[str]:
             ]
             if has_copy and path == "logits":
                 cells.append(_fmt(r["copy_fraction"] and 100 * r["copy_fraction"], ".1f", "%"))
-            cells += [_fmt(r["d_logps"], ".1e"), _fmt(r["d_grad"], ".1e"), _check_cell(r)]
+            cells += [_fmt(r["d_logps"], ".1e"), _fmt(r["d_grad"], ".1e")]
+            if path == "linear":
+                cells.append(_fmt(r.get("d_loss"), ".1e"))
+            cells.append(_check_cell(r))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _fractions(meta: dict, rows: list[dict]) -> str:
+    fractions = meta.get("prompt_fractions") or sorted({r.get("prompt_fraction", 0.25) for r in rows})
+    return ", ".join(f"{f:g}" for f in fractions)
+
+
+def _tolerance_text(meta: dict) -> str:
+    import torch
+
+    dtype = getattr(torch, meta["dtype"], None)
+    parts = []
+    for path in ("logits", "linear"):
+        tol = TOLERANCES.get((path, dtype))
+        if tol:
+            parts.append(f"{path} path {meta['dtype']}: logps tol {tol[0]:g}, gradient tol {tol[1]:g}")
+    return "; ".join(parts) or "tolerances per dtype"
 
 
 def markdown(meta: dict, rows: list[dict], skipped: list[dict], plots: list[str]) -> str:
@@ -113,11 +132,12 @@ def markdown(meta: dict, rows: list[dict], skipped: list[dict], plots: list[str]
         "Sizes are N x T x V (x H on the linear path). The logits path is `logits [N,T,V] -> logps [N]` and its "
         "gradient for a fixed random dL/dlogps; the linear path is a reference-free sigmoid DPO loss (beta 0.1) "
         "from hidden states `[N,T,H]` and an lm_head `[V,H]`, with gradients for both. Labels look like DPO data: "
-        "a quarter of each row is prompt, up to a quarter right padding (`valid tok` counts the rest). "
-        "Ratios are this contender over the path's baseline at the same size (lower is better). "
-        "`check` compares logps and gradient with `reference` at the same size and dtype "
-        "(pass: max abs difference <= tol x max(1, max abs reference value); tolerances in "
-        "`pyfastpo/bench/measure.py`).",
+        f"the first `prompt` fraction of each row is prompt (fractions {_fractions(meta, rows)}), up to a quarter "
+        "right padding (`valid tok` counts the rest). "
+        "Ratios are this contender over the path's baseline at the same size and prompt fraction (lower is better). "
+        "`check` compares logps, gradient and (linear path) loss with `reference` at the same size, prompt "
+        "fraction and dtype (pass: max abs difference <= tol x max(1, max abs reference value), the loss held to "
+        f"the logps tol; {_tolerance_text(meta)}; tolerances in `pyfastpo/bench/measure.py`).",
         "",
     ]
     for path in ("logits", "linear"):
@@ -143,9 +163,13 @@ def markdown(meta: dict, rows: list[dict], skipped: list[dict], plots: list[str]
     return "\n".join(out)
 
 
+AXES = ("n", "t", "v", "h", "prompt_fraction")
+
+
 def _axis_groups(rows: list[dict], axis: str) -> list[tuple[tuple, list[dict]]]:
-    """Groups of ok rows that share every size dimension but ``axis`` and span >= 2 values of it."""
-    keys = [k for k in ("n", "t", "v", "h") if k != axis]
+    """Groups of ok rows that share every size dimension and prompt fraction but ``axis`` and
+    span >= 2 values of it."""
+    keys = [k for k in AXES if k != axis]
     groups = defaultdict(list)
     for r in rows:
         if r["status"] == "ok":
@@ -167,21 +191,18 @@ def plots(rows: list[dict], out_dir: Path, meta: dict) -> list[str]:
             groups = _axis_groups(prow, axis)
             if not groups:
                 continue
-            # the group with the most points (ties: the most rows)
-            key, group = max(groups, key=lambda kg: (len({r[axis] for r in kg[1]}), len(kg[1])))
+            # the group with the most points (ties: the most rows, then a prompt fraction nearest 0.25)
+            key, group = max(
+                groups,
+                key=lambda kg: (len({r[axis] for r in kg[1]}), len(kg[1]), -abs(kg[1][0]["prompt_fraction"] - 0.25)),
+            )
             fixed = ", ".join(
-                f"{k.upper()}={v}"
-                for k, v in zip([k for k in "ntvh" if k != axis], key)
+                f"{k.upper()}={v}" if k != "prompt_fraction" else f"prompt {v:g}"
+                for k, v in zip([k for k in AXES if k != axis], key)
                 if not (path == "logits" and k == "h")
             )
             fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-            for name in sorted({r["contender"] for r in group}, key=[r["contender"] for r in group].index):
-                pts = sorted(
-                    (r[axis], r["total_ms"], max(r["peak_bytes"], 1) / MIB) for r in group if r["contender"] == name
-                )
-                xs = [p[0] for p in pts]
-                ax_t.plot(xs, [p[1] for p in pts], marker="o", label=name)
-                ax_m.plot(xs, [p[2] for p in pts], marker="o", label=name)
+            _draw(ax_t, ax_m, group, axis)
             for ax, what in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "peak memory (MiB)")):
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
@@ -195,7 +216,44 @@ def plots(rows: list[dict], out_dir: Path, meta: dict) -> list[str]:
             fig.savefig(out_dir / name, dpi=110)
             plt.close(fig)
             written.append(name)
+        name = _fraction_plot(plt, prow, path, out_dir, meta)
+        if name:
+            written.append(name)
     return written
+
+
+def _draw(ax_t, ax_m, group: list[dict], axis: str) -> None:
+    """One line per contender (in row order): fwd+bwd time on ``ax_t``, peak memory on ``ax_m``."""
+    for name in sorted({r["contender"] for r in group}, key=[r["contender"] for r in group].index):
+        pts = sorted((r[axis], r["total_ms"], max(r["peak_bytes"], 1) / MIB) for r in group if r["contender"] == name)
+        xs = [p[0] for p in pts]
+        ax_t.plot(xs, [p[1] for p in pts], marker="o", label=name)
+        ax_m.plot(xs, [p[2] for p in pts], marker="o", label=name)
+
+
+def _fraction_plot(plt, rows: list[dict], path: str, out_dir: Path, meta: dict) -> str | None:
+    """``<path>_vs_prompt_fraction.png``: time and peak memory against the prompt fraction, a row
+    of two panels per size (sizes in sweep order); None when no size has two fractions."""
+    groups = _axis_groups(rows, "prompt_fraction")
+    if not groups:
+        return None
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.6 * len(groups)), squeeze=False)
+    for (ax_t, ax_m), (_, group) in zip(axes, groups):
+        _draw(ax_t, ax_m, group, "prompt_fraction")
+        for ax, what in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "peak memory (MiB)")):
+            ax.set_yscale("log")
+            ax.set_xlabel("prompt fraction (of each row, ignored)")
+            ax.set_ylabel(what)
+            ax.set_title(f"{path} {group[0]['size']}", fontsize=9)
+            ax.set_xticks(sorted({r["prompt_fraction"] for r in group}))
+            ax.grid(True, which="both", alpha=0.3)
+        ax_t.legend(fontsize=7)
+    fig.suptitle(f"{path} path against prompt fraction, {meta['dtype']} - {meta['device']}", fontsize=9)
+    fig.tight_layout()
+    name = f"{path}_vs_prompt_fraction.png"
+    fig.savefig(out_dir / name, dpi=100)
+    plt.close(fig)
+    return name
 
 
 def write(out_dir: Path, meta: dict, rows: list[dict], skipped: list[dict]) -> dict:
