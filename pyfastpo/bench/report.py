@@ -92,7 +92,7 @@ def _tolerance_text(meta: dict) -> str:
 
     dtype = getattr(torch, meta["dtype"], None)
     parts = []
-    for path in ("logits", "linear"):
+    for path in meta.get("paths", ("logits", "linear")):
         tol = TOLERANCES.get((path, dtype))
         if tol:
             parts.append(f"{path} path {meta['dtype']}: logps tol {tol[0]:g}, gradient tol {tol[1]:g}")
