@@ -154,27 +154,19 @@ __device__ __forceinline__ void load_vec<__half>(const uint4& raw, float* x) {
 }
 
 // The K gradients of one vector, rounded to T and packed (16-bit: one F2FP per pair).
+__device__ __forceinline__ __nv_bfloat162 pack2(float a, float b, __nv_bfloat16) { return __floats2bfloat162_rn(a, b); }
+__device__ __forceinline__ __half2 pack2(float a, float b, __half) { return __floats2half2_rn(a, b); }
 template <typename T>
-__device__ __forceinline__ uint4 store_vec(const float* g);
+__device__ __forceinline__ uint4 store_vec(const float* g) {  // 16-bit T: one packed convert per pair
+  uint4 res;
+  auto* o = reinterpret_cast<decltype(pack2(0.0f, 0.0f, T()))*>(&res);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) o[j] = pack2(g[2 * j], g[2 * j + 1], T());
+  return res;
+}
 template <>
 __device__ __forceinline__ uint4 store_vec<float>(const float* g) {
   return make_uint4(__float_as_uint(g[0]), __float_as_uint(g[1]), __float_as_uint(g[2]), __float_as_uint(g[3]));
-}
-template <>
-__device__ __forceinline__ uint4 store_vec<__nv_bfloat16>(const float* g) {
-  uint4 res;
-  __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) o[j] = __floats2bfloat162_rn(g[2 * j], g[2 * j + 1]);
-  return res;
-}
-template <>
-__device__ __forceinline__ uint4 store_vec<__half>(const float* g) {
-  uint4 res;
-  __half2* o = reinterpret_cast<__half2*>(&res);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) o[j] = __floats2half2_rn(g[2 * j], g[2 * j + 1]);
-  return res;
 }
 
 // Max of N vectors. 16-bit: a packed max over the raw words (exact: max never
