@@ -9,7 +9,7 @@
 # failing step never stops the others, and every step has a time limit:
 #   device    GPU, driver, torch/triton versions, commit
 #   wheels    packages the machine lacks (trl, liger-kernel, cut-cross-entropy, peft): the
-#             wheels in $WHEELS (default ./wheels), installed into $OUT/site, no network
+#             wheels in $WHEELS (default ./wheels), installed into $SITE, no network
 #   build     the extensions in place, without build isolation
 #   tests     the GPU tests: cuda and triton against reference (one case past 2^31 elements),
 #             the fused, linear and autocast paths
@@ -26,7 +26,10 @@ DRY=0
 OUT=${OUT:-out/gpu}
 PY=${PYTHON:-python3}
 WHEELS=${WHEELS:-wheels}
+# The carried packages live outside $OUT: the device tool returns only a bounded number of files.
+SITE=${SITE:-/tmp/pyfastpo-gpu-site}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: PYTHONPATH below must not depend on the working directory
 : > "$OUT/steps.tsv"
 
 # step NAME LIMIT_S COMMAND...: run with a time limit, log, record the status and seconds.
@@ -57,8 +60,8 @@ step device 60 bash -c device_info
 cat "$OUT/device.log"
 
 if [ "$DRY" = 0 ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
-  step wheels 120 $PY -m pip install --no-index --no-deps --target "$OUT/site" "$WHEELS"/*.whl
-  export PYTHONPATH="$PWD/$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
+  step wheels 120 $PY -m pip install --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
   skip wheels "no $WHEELS/*.whl (dry run, or nothing to carry): trl, Liger and CCE run only if installed"
 fi

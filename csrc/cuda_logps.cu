@@ -391,10 +391,19 @@ backward_kernel(const T* logits, int64_t T_len, int64_t V, int64_t stride_n, int
     } else if (ignored) {
       for (int64_t i = threadIdx.x; i < V; i += blockDim.x) orow[i] = from_f<T>(0.0f);
     } else {
+      // The vector kernel's formulas, so that a gradient's bits never depend on the layout.
       const float m = row_max[r], ls = log_sum[r], g = grad_scale[n];
-      for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-        const float x = to_f(row[i]);
-        orow[i] = from_f<T>(i == y ? grad_target(x, m, ls, g) : grad_other(x, m, ls, g));
+      auto scalar_row = [&](auto grad) {
+        for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+          const float x = to_f(row[i]);
+          orow[i] = from_f<T>(i == y ? grad_target(x, m, ls, g) : grad(x));
+        }
+      };
+      if (fabsf(m) < PFPO_FAST_MAX_ABS) {
+        const FastGrad f = fast_grad(m, ls, g);
+        scalar_row([f](float x) { return grad_other2(x, f); });
+      } else {
+        scalar_row([=](float x) { return grad_other(x, m, ls, g); });
       }
     }
   }
