@@ -112,7 +112,10 @@ def main(argv=None) -> int:
         for warps in args.warp_list:
             f, b, stats = time_config(logits, labels, grad_scale, block, warps, timer, args.repeats)
             for got, ref in zip(stats, want):
-                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+                # Another block shape sums a row in another order: float32 rounding that scales
+                # with the statistic's size (sum_logits over 128k logits reaches the hundreds).
+                atol = 1e-5 * max(1.0, ref.nan_to_num().abs().max().item())
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=atol, equal_nan=True)
             rows.append((block, warps, f, b, floor_bytes / (f + b) / copy_bw))
 
     lines = [
