@@ -178,8 +178,13 @@ def test_cuda_backend_vs_reference(dtype, vocab):
         y[0, 1] = -100
         ref = reference.forward(x, y, -100)
         got = cuda_backend.forward(x, y, -100)
-        for name in ("logp", "entropy", "sum_logits"):
+        for name in ("logp", "entropy"):
             torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=2e-4)
+        # A sum of V logits cancels: its float32 rounding scales with sum |x|, not with the
+        # result (50257 float32 logits of std 3 on an H100: 4 ulps of the partial sums, 2.4e-4).
+        l1 = x.float().abs().sum(-1)
+        diff = (got.sum_logits - ref.sum_logits).abs()
+        assert bool((diff <= 2e-4 + 2 * torch.finfo(torch.float32).eps * l1).all()), diff.max()
         g = torch.randn(3, device="cuda")
         want = torch.empty_like(x)
         reference.backward(x, y, ref.row_max, ref.log_sum, g, -100, want)
