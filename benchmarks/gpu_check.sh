@@ -18,7 +18,10 @@
 #             way and torch.compile: time, bandwidth against the copy floor, peak memory
 #   linear    the linear path at Llama-3-8B's head (H=4096, V=128256), against Liger and CCE
 #   triton    a BLOCK_V x num_warps sweep of the Triton kernels (benchmarks/triton_sweep.py)
-# and last, a short summary table (benchmarks/gpu_check_summary.py).
+# and last, a short summary table (benchmarks/gpu_check_summary.py). With ARCHIVE=FILE set,
+# everything under $OUT is also packed into that one .tar.gz (the device tool brings back only
+# a few files: `ARCHIVE=$OUT/gpu.tar.gz OUT=/tmp/gpu bash benchmarks/gpu_check.sh`, the
+# archive named first so that it expands with the device tool's $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -96,3 +99,6 @@ fi
 
 echo
 $PY benchmarks/gpu_check_summary.py "$OUT" | tee "$OUT/summary.md"
+if [ -n "${ARCHIVE:-}" ]; then
+  tar czf "$ARCHIVE" -C "$OUT" . && echo "packed $OUT into $ARCHIVE"
+fi

@@ -34,8 +34,12 @@ from .validation import (
     check_same_device,
 )
 
-DEFAULT_MEMORY_BUDGET = 256 << 20
-"""Bytes of chunk logits held at once when neither chunk_tokens nor a budget is given."""
+DEFAULT_MEMORY_BUDGET = {"cuda": 1 << 30, "cpu": 256 << 20}
+"""Bytes of chunk logits held at once when neither chunk_tokens nor a budget is given, by
+device type. On a GPU each chunk adds a [V, H] product into the float32 weight-gradient
+accumulator (a read-modify-write of 4 x V x H bytes), so small chunks are slow: on an
+H100 at Llama-3-8B's head 1 GiB took 50.7 ms fwd+bwd against 83.9 ms at 256 MiB, for
+265 MiB more peak (benchmarks/results/gpu-h100-2026-11-26). Other devices: the CPU's."""
 
 
 def _positive_int(name: str, value) -> int:
@@ -46,15 +50,15 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _chunk_tokens(chunk_tokens, memory_budget_bytes, vocab: int, dtype: torch.dtype) -> int:
-    """Valid tokens projected per chunk: ``chunk_tokens``, or as many as ``memory_budget_bytes`` holds."""
+def _chunk_tokens(chunk_tokens, memory_budget_bytes, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Valid tokens projected per chunk: ``chunk_tokens``, or as many as ``memory_budget_bytes``
+    (default: :data:`DEFAULT_MEMORY_BUDGET` for ``device``'s type) holds."""
     if chunk_tokens is not None:
         return _positive_int("chunk_tokens", chunk_tokens)
-    budget = (
-        DEFAULT_MEMORY_BUDGET
-        if memory_budget_bytes is None
-        else _positive_int("memory_budget_bytes", memory_budget_bytes)
-    )
+    if memory_budget_bytes is None:
+        budget = DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cpu"])
+    else:
+        budget = _positive_int("memory_budget_bytes", memory_budget_bytes)
     # A chunk costs its logits plus, in the backends, at most float32 temporaries of the same size.
     per_token = vocab * (torch.empty((), dtype=dtype).element_size() + 4)
     return max(1, budget // per_token)
@@ -274,7 +278,8 @@ def linear_sequence_logps(
             weight gradient). bias: optional ``[V]``.
         labels: ``[N, T]`` integer; ``ignore_index`` tokens are never projected.
         chunk_tokens: valid tokens projected at once; default from
-            ``memory_budget_bytes`` (256 MiB of chunk logits and temporaries).
+            ``memory_budget_bytes`` (chunk logits and temporaries; default 1 GiB on
+            CUDA, 256 MiB elsewhere: :data:`DEFAULT_MEMORY_BUDGET`).
         backend: as :func:`pyfastpo.sequence_logps`, for the per-chunk kernels.
 
     Returns:
@@ -284,7 +289,7 @@ def linear_sequence_logps(
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
-    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj)
+    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
     logps, num_tokens, entropy, mean_logits, _ = _linear_op(
         hidden, weight, bias, labels, int(ignore_index), impl.name, chunk, proj
     )
@@ -331,7 +336,7 @@ def linear_preference_loss(
     check_pairs(hidden.shape[0], "hidden")
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     get_backend(backend, hidden.device, proj)
-    _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj)
+    _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
     if ref_hidden is not None:
         check_reference_input("ref_hidden", ref_hidden, "hidden", hidden, ref_chosen_logps, ref_rejected_logps)
         ref_w = weight if ref_weight is None else ref_weight

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +15,8 @@ STEPS = ["device", "wheels", "build", "tests", "memcheck", "logits", "linear", "
 
 
 def test_dry_run_runs_every_step(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    archive = tmp_path.parent / f"{tmp_path.name}.tar.gz"
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, ARCHIVE=str(archive))
     env.pop("TRITON_INTERPRET", None)  # the script's own processes decide (no GPU: the interpreter)
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"],
@@ -35,3 +37,5 @@ def test_dry_run_runs_every_step(tmp_path):
     assert summary.startswith("| step | status | seconds | result |")
     assert "| tests | ok |" in summary and "fastest: BLOCK_V=" in summary
     assert (tmp_path / "logits" / "results.md").exists() and (tmp_path / "linear" / "results.md").exists()
+    with tarfile.open(archive) as tar:  # everything in one file for the device tool
+        assert {"./summary.md", "./steps.tsv", "./logits/results.md"} <= set(tar.getnames())

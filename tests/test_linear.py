@@ -188,3 +188,17 @@ def test_bfloat16_peak_memory_has_no_weight_sized_temporaries():
     accumulator, returned = v * h * 4, v * h * 2
     bound = accumulator + returned + 16 * chunk * v * 4 + hidden.numel() * 4 + library + (1 << 16)
     assert peak <= bound, f"peak {peak} > bound {bound}"
+
+
+def test_default_chunk_budget_is_per_device_type():
+    """1 GiB of chunk logits on CUDA (each chunk rewrites the float32 weight-gradient
+    accumulator: small chunks are slow there), 256 MiB elsewhere; explicit values win."""
+    from pyfastpo.linear import _chunk_tokens
+
+    per_token = 128256 * (2 + 4)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _chunk_tokens(None, None, 128256, torch.bfloat16, cuda) == (1 << 30) // per_token
+    assert _chunk_tokens(None, None, 128256, torch.bfloat16, cpu) == (256 << 20) // per_token
+    assert _chunk_tokens(None, None, 128256, torch.bfloat16, torch.device("meta")) == (256 << 20) // per_token
+    assert _chunk_tokens(None, 1 << 20, 128256, torch.bfloat16, cuda) == 1
+    assert _chunk_tokens(7, None, 128256, torch.bfloat16, cuda) == 7
