@@ -12,7 +12,7 @@
 #             wheels in $WHEELS (default ./wheels), installed into $SITE, no network
 #   build     the extensions in place, without build isolation
 #   tests     the GPU tests: cuda and triton against reference (one case past 2^31 elements),
-#             the fused, linear and autocast paths
+#             the fused, linear and autocast paths, no host sync in a step, CUDA graphs, compile
 #   memcheck  compute-sanitizer memcheck on a small case (benchmarks/memcheck_case.py)
 #   logits    the heavy op at N=16, T=2048, V=128256 bf16 (past 2^31 elements), against TRL's
 #             way and torch.compile: time, bandwidth against the copy floor, peak memory
@@ -72,7 +72,7 @@ fi
 if [ "$DRY" = 0 ]; then
   step build 180 $PY -m pip install --no-build-isolation --no-deps -e .
   step tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_triton_kernels.py \
-    tests/test_sequence_logps.py tests/test_hardening.py tests/test_fused.py tests/test_linear.py tests/test_autocast.py
+    tests/test_sequence_logps.py tests/test_hardening.py tests/test_fused.py tests/test_linear.py tests/test_autocast.py tests/test_no_sync.py tests/test_compile.py
   if command -v compute-sanitizer > /dev/null; then
     step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/memcheck_case.py
   else

@@ -8,6 +8,8 @@ Public API (README.md has the details and an example):
 - :func:`linear_preference_loss`: from hidden states and the lm_head weight,
   logits never materialized (:func:`linear_sequence_logps` for the log-probs alone).
 - :func:`available_backends`: what this install can run.
+- :func:`set_label_check`: ``"sync"`` label checks (a ValueError) or ``"async"`` ones
+  (a device-side assert, no host synchronization: CUDA graphs).
 """
 
 from .backends import available_backends
@@ -16,6 +18,7 @@ from .linear import linear_preference_loss, linear_sequence_logps
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
 from .pairs import FusedPreferenceLossOutput
 from .sequence_logps import IGNORE_INDEX, SequenceLogps, sequence_logps
+from .validation import set_label_check
 from .version import __version__
 
 __all__ = [
@@ -31,4 +34,5 @@ __all__ = [
     "linear_sequence_logps",
     "preference_loss",
     "sequence_logps",
+    "set_label_check",
 ]

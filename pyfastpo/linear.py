@@ -17,6 +17,7 @@ would cost ten times torch's gradient error).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -28,6 +29,7 @@ from .validation import (
     FLOAT_DTYPES,
     check_label_values,
     check_labels,
+    check_not_capturing,
     check_pairs,
     check_plain_tensor,
     check_reference_input,
@@ -87,7 +89,16 @@ def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype)
 
 
-@torch.library.custom_op("pyfastpo::linear_sequence_logps", mutates_args=())
+def _synchronizing_op_tags() -> dict:
+    """custom_op's ``tags`` for an op that synchronizes (it counts the valid tokens):
+    ``cudagraph_unsafe``, so that ``torch.compile(mode="reduce-overhead")`` leaves it out of
+    its CUDA graphs instead of failing the capture; nothing on torch versions without it."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    takes_tags = "tags" in inspect.signature(torch.library.custom_op).parameters
+    return {"tags": (tag,)} if tag is not None and takes_tags else {}
+
+
+@torch.library.custom_op("pyfastpo::linear_sequence_logps", mutates_args=(), **_synchronizing_op_tags())
 def _linear_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -103,6 +114,7 @@ def _linear_op(
     ``nonzero`` and chunk loop are data-dependent). Label values are checked first."""
     n, t, _ = hidden.shape
     vocab = weight.shape[0]
+    check_not_capturing(hidden, "the fused linear path")
     check_label_values(labels, vocab, ignore_index)
     impl = backend_module(backend)
     n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
@@ -135,7 +147,7 @@ def _(hidden, weight, bias, labels, ignore_index, backend, chunk, proj):
     return per_seq[0], num_tokens, per_seq[1], per_seq[2], hidden.new_empty(2, n, t, dtype=cdtype)
 
 
-@torch.library.custom_op("pyfastpo::linear_sequence_logps_backward", mutates_args=())
+@torch.library.custom_op("pyfastpo::linear_sequence_logps_backward", mutates_args=(), **_synchronizing_op_tags())
 def _linear_backward_op(
     grad_logps: torch.Tensor,
     hidden: torch.Tensor,
@@ -170,6 +182,7 @@ def _(grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, ch
 def _linear_backward(
     grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, chunk, proj, need_h, need_w, need_b
 ):
+    check_not_capturing(hidden, "the fused linear path")
     impl = backend_module(backend)
     n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
     row_max, log_sum = saved[0][n_idx, t_idx], saved[1][n_idx, t_idx]

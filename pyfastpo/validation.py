@@ -102,16 +102,65 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
     return labels.to(torch.int64).contiguous()
 
 
+LABEL_CHECK_MODES = ("sync", "async")
+_label_check = "sync"
+
+
+def set_label_check(mode: str) -> str:
+    """Choose how the label values are checked; returns the previous mode.
+
+    - ``"sync"`` (the default): a ``ValueError`` naming the first bad label, before any
+      kernel runs. On a GPU that reads one bool back: one host synchronization per call.
+    - ``"async"``: a device-side assertion (``torch._assert_async``, as torch's own
+      ``gather`` checks its indices) queued before the kernels. No host synchronization, so
+      a step can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``).
+      A bad label then stops the process with a CUDA device-side assert that names the
+      check; on a CPU it raises ``RuntimeError`` at once.
+
+    While a CUDA graph is being captured, the check is asynchronous whatever the mode,
+    because a synchronization there would invalidate the capture. The kernels never read
+    out of bounds in either mode, because they skip out-of-range labels.
+    """
+    global _label_check
+    if mode not in LABEL_CHECK_MODES:
+        raise ValueError(f"label check mode must be one of {LABEL_CHECK_MODES}, got {mode!r}")
+    previous, _label_check = _label_check, mode
+    return previous
+
+
+def check_not_capturing(x: torch.Tensor, what: str) -> None:
+    """Raise RuntimeError if a CUDA graph is being captured on ``x``'s device: ``what``
+    needs a count of valid tokens on the host (``nonzero``), a synchronization that a
+    capture forbids (CUDA would fail with an unhelpful "operation not permitted")."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what} synchronizes with the host (it counts the valid tokens), which a CUDA graph capture "
+            "forbids. Under CUDA graphs use sequence_logps / fused_preference_loss with the cuda or "
+            "triton backend and pyfastpo.set_label_check('async')"
+        )
+
+
+def _label_message(vocab: int, ignore_index: int) -> str:
+    return (
+        f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}. "
+        "Mask padding and prompt tokens with ignore_index"
+    )
+
+
 def check_label_values(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Raise ValueError unless every label is ``ignore_index`` or in ``[0, vocab)``.
+    """Raise unless every label is ``ignore_index`` or in ``[0, vocab)``, in the way
+    :func:`set_label_check` chose.
 
     It reads the labels' values, so it runs inside the custom ops (just before their
-    kernels, as torch's own ``gather`` checks its indices), never in the traced Python
-    of an entry point: under ``torch.compile`` it is part of the opaque op, not a graph
-    break. On CPU tensors it costs no synchronization; on a GPU one ``.any()`` sync
-    per call (the kernels also skip any out-of-range label, so memory stays safe).
+    kernels), never in the traced Python of an entry point: under ``torch.compile`` it is
+    part of the opaque op, not a graph break. On CPU tensors the ``"sync"`` check costs no
+    synchronization; on a GPU it costs one ``.any()`` readback per call.
     """
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+    if _label_check == "async" or capturing:
+        torch._assert_async(torch.logical_not(bad.any()), _label_message(vocab, ignore_index))
+        return
     if bool(bad.any()):
         first = bad.nonzero()[0].tolist()
         raise ValueError(

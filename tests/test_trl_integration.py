@@ -346,3 +346,35 @@ def test_fused_linear_matches_logits_path(loss_type, precompute, tokenizer, sft_
         runs.append(train(FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=ref))
     keys = [k for k in TRL_METRICS if k not in ("entropy", "mean_token_accuracy")]  # not computed without logits
     assert_same_run(*runs, keys=keys)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_compiles_the_fused_linear_path(backend, tokenizer, sft_model, data, tmp_path, monkeypatch):
+    """torch_compile=True with use_fused_linear=True: the policy's backbone and the fused loss
+    run compiled (the loss is traced by dynamo, not skipped with the unwrapped model) and the
+    run equals eager's."""
+    from pyfastpo.integrations import trl as fast_trl
+
+    traced = []
+
+    def spy(real):
+        def call(*args, **kwargs):
+            traced.append(torch.compiler.is_compiling())  # True only while dynamo traces this call
+            return real(*args, **kwargs)
+
+        return call
+
+    # The policy's fused loss and the reference's backbone (streamed, not precomputed).
+    monkeypatch.setattr(fast_trl, "linear_preference_loss", spy(fast_trl.linear_preference_loss))
+    monkeypatch.setattr(fast_trl, "_run_backbone", spy(fast_trl._run_backbone))
+    runs = []
+    for compiled in (False, True):
+        traced.clear()
+        extra = dict(torch_compile=True, torch_compile_backend=backend) if compiled else {}
+        args = config(FastDPOConfig, tmp_path, **dict(PARITY, max_steps=3), use_fused_linear=True, **extra)
+        runs.append(
+            train(FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model))
+        )
+        assert len(traced) >= 2 and all(t == compiled for t in traced), (compiled, traced)
+    keys = [k for k in TRL_METRICS if k not in ("entropy", "mean_token_accuracy")]
+    assert_same_run(*runs, keys=keys)

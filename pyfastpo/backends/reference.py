@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_not_capturing
 from .base import TokenStats
 
 name = "reference"
@@ -38,6 +39,7 @@ def _valid_chunks(labels: torch.Tensor, ignore_index: int, vocab: int):
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
     """The contract's forward (:mod:`pyfastpo.backends.base`) in torch, chunk by chunk of valid rows."""
+    check_not_capturing(logits, "the reference backend")
     n, t, v = logits.shape
     cdtype = compute_dtype(logits.dtype)
     stats = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=logits.device)
@@ -64,6 +66,7 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
 
 def backward(logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
     """The contract's backward (:mod:`pyfastpo.backends.base`) in torch; ``out`` may be ``logits``."""
+    check_not_capturing(logits, "the reference backend")
     v = logits.shape[-1]
     cdtype = compute_dtype(logits.dtype)
     ignored = labels == ignore_index

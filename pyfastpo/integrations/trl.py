@@ -137,6 +137,15 @@ class FastDPOTrainer(DPOTrainer):
         )
         if self._pyfastpo_use_linear:
             self._check_fused_linear()
+        # The fused linear path calls the unwrapped backbones, so the models accelerate compiled
+        # for torch_compile=True never run there: compile the policy's region (backbone, then the
+        # fused loss) and the reference's backbone call here, with the same backend and mode (as
+        # accelerate compiles both the policy and the reference model), so the option is not skipped.
+        self._pyfastpo_policy_linear_loss, self._pyfastpo_run_backbone = self._policy_linear_loss, _run_backbone
+        if self._pyfastpo_use_linear and args.torch_compile:
+            compile_kwargs = dict(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+            self._pyfastpo_policy_linear_loss = torch.compile(self._policy_linear_loss, **compile_kwargs)
+            self._pyfastpo_run_backbone = torch.compile(_run_backbone, **compile_kwargs)
 
     # ------------------------------------------------------------------ checks
 
@@ -205,12 +214,13 @@ class FastDPOTrainer(DPOTrainer):
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                     if backbone_only:
                         inner = _causal_lm(unwrapped)
-                        return _backbone(inner)(**model_kwargs), inner.get_output_embeddings()
+                        hidden = self._pyfastpo_run_backbone(_backbone(inner), model_kwargs)
+                        return hidden, inner.get_output_embeddings()
                     return model(**model_kwargs)
             ref = self.ref_model if self.ref_model is not None else model
             if backbone_only:
                 inner = _causal_lm(self.accelerator.unwrap_model(ref))
-                return _backbone(inner)(**model_kwargs), inner.get_output_embeddings()
+                return self._pyfastpo_run_backbone(_backbone(inner), model_kwargs), inner.get_output_embeddings()
             return ref(**model_kwargs)
 
     def _compute_ref_stats(self, model, inputs):
@@ -371,16 +381,25 @@ class FastDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
-        policy_model = _causal_lm(model)
-        hidden = _backbone(policy_model)(**model_kwargs).last_hidden_state
-        lm_head = policy_model.get_output_embeddings()
         labels = _next_token_labels(inputs["input_ids"], inputs["completion_mask"])
 
         ref_kwargs = self._reference_inputs(inputs)  # precomputed, or None: streamed from the reference model
         if ref_kwargs is None:
             ref_out, ref_head = self._reference_forward(model, model_kwargs, backbone_only=True)
             ref_kwargs = dict(ref_hidden=ref_out.last_hidden_state, ref_weight=ref_head.weight, ref_bias=ref_head.bias)
-        out = linear_preference_loss(
+        out = self._pyfastpo_policy_linear_loss(_causal_lm(model), model_kwargs, labels, ref_kwargs)
+        chosen_logps, rejected_logps = out.policy.logps.chunk(2)
+        # Like trl's Liger path: no mean_token_accuracy (it needs the argmax of logits that never exist).
+        self._log_policy_stats(mode, inputs, out.policy)
+        self._log_rewards(mode, out, chosen_logps, rejected_logps)
+        return out.loss
+
+    def _policy_linear_loss(self, policy_model, model_kwargs, labels, ref_kwargs):
+        """The policy's part of a fused-linear step: backbone, then :func:`linear_preference_loss`
+        against the reference's inputs. The region ``torch_compile=True`` compiles."""
+        hidden = _backbone(policy_model)(**model_kwargs).last_hidden_state
+        lm_head = policy_model.get_output_embeddings()
+        return linear_preference_loss(
             hidden,
             lm_head.weight,
             labels,
@@ -389,11 +408,6 @@ class FastDPOTrainer(DPOTrainer):
             **ref_kwargs,
             **self._pyfastpo_loss_kwargs,
         )
-        chosen_logps, rejected_logps = out.policy.logps.chunk(2)
-        # Like trl's Liger path: no mean_token_accuracy (it needs the argmax of logits that never exist).
-        self._log_policy_stats(mode, inputs, out.policy)
-        self._log_rewards(mode, out, chosen_logps, rejected_logps)
-        return out.loss
 
     def _log_policy_stats(self, mode, inputs, policy):
         """entropy, num_tokens and logits/* exactly as trl logs them, from the policy's
@@ -434,6 +448,11 @@ def _next_token_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor, i
     non-completion tokens and the last position (which predicts nothing) set to ``ignore_index``."""
     labels = input_ids[..., 1:].masked_fill(completion_mask[..., 1:] == 0, ignore_index)
     return torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
+
+
+def _run_backbone(backbone, model_kwargs):
+    """``backbone(**model_kwargs)``: a function of its own so that ``torch_compile=True`` can compile it."""
+    return backbone(**model_kwargs)
 
 
 def _causal_lm(model):
