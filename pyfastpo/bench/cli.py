@@ -125,6 +125,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--include-interpreted", action="store_true", help="on a CPU, also run triton under its (very slow) interpreter"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run each selected pyfastpo backend under torch.compile (time and peak memory against eager)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -244,7 +249,7 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
     from tqdm.auto import tqdm
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    options = contenders.Options(args.baseline_set, args.backend_set, args.include_interpreted)
+    options = contenders.Options(args.baseline_set, args.backend_set, args.include_interpreted, args.compile)
     paths = ["logits", "linear"] if args.path == "both" else [args.path]
     meta = environment.describe(device, argv)
     meta.update(

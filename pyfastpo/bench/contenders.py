@@ -58,6 +58,7 @@ class Options:
     baselines: frozenset
     backends: frozenset | None = None  # None: every backend
     include_interpreted: bool = False
+    compile: bool = False  # --compile: also pyfastpo's backends under torch.compile
 
 
 @dataclass(frozen=True)
@@ -91,19 +92,28 @@ def _check_backend(name: str, device: torch.device, dtype: torch.dtype, options:
         raise Skip(f"backend {name!r} takes float32/bfloat16/float16, not {dtype}")
 
 
-def _pyfastpo_logits(name: str):
+def _compiled(op, source: str, compiled: bool, options: Options):
+    """``op`` as is, or (``compiled``) under ``torch.compile`` when ``--compile`` asked for it."""
+    if not compiled:
+        return op, source
+    if not options.compile:
+        raise Skip("not selected (pass --compile)")
+    return torch.compile(op), f"torch {torch.__version__} torch.compile({source})"
+
+
+def _pyfastpo_logits(name: str, compiled: bool = False):
     def build(device, dtype, options):
         _check_backend(name, device, dtype, options)
 
         def op(logits, labels):
             return sequence_logps(logits, labels, backend=name).logps
 
-        return op, f"pyfastpo {__version__} sequence_logps(backend={name!r})"
+        return _compiled(op, f"pyfastpo {__version__} sequence_logps(backend={name!r})", compiled, options)
 
     return build
 
 
-def _pyfastpo_linear(name: str):
+def _pyfastpo_linear(name: str, compiled: bool = False):
     def build(device, dtype, options):
         _check_backend(name, device, dtype, options)
 
@@ -111,7 +121,7 @@ def _pyfastpo_linear(name: str):
             out = linear_preference_loss(hidden, weight, labels, loss_type="sigmoid", beta=BETA, backend=name)
             return out.loss, out.policy.logps
 
-        return op, f"pyfastpo {__version__} linear_preference_loss(backend={name!r})"
+        return _compiled(op, f"pyfastpo {__version__} linear_preference_loss(backend={name!r})", compiled, options)
 
     return build
 
@@ -243,6 +253,21 @@ def first_line(err: BaseException) -> str:
 # ---------------------------------------------------------------- the registry
 
 
+def _compiled_contender(backend: str, path: str) -> Contender:
+    """pyfastpo's ``backend`` on ``path`` under torch.compile (``--compile``): its time and peak
+    memory next to eager's (compiled code cannot reuse the logits' storage in the backward)."""
+    name, fn = ("pyfastpo", "sequence_logps") if path == "logits" else ("pyfastpo-linear", "linear_preference_loss")
+    build = (_pyfastpo_logits if path == "logits" else _pyfastpo_linear)(backend, compiled=True)
+    return Contender(
+        f"{name}[{backend}]+compile",
+        path,
+        "pyfastpo",
+        f"torch.compile(pyfastpo.{fn}(backend={backend!r}))",
+        build,
+        skip_on_failure=True,
+    )
+
+
 def registry() -> list[Contender]:
     """Every contender, oracle first on each path, then pyfastpo, then the baselines."""
     backends = ["reference"] + [b for b in BACKENDS if b != "reference"]
@@ -258,6 +283,7 @@ def registry() -> list[Contender]:
                 oracle=b == "reference",
             )
         )
+    out += [_compiled_contender(b, "logits") for b in backends if b != "reference"]
     out += [
         Contender("trl-way", "logits", "trl", BASELINE_GROUPS["trl"], _build_trl, baseline=True),
         Contender(
@@ -281,6 +307,7 @@ def registry() -> list[Contender]:
                 oracle=b == "reference",
             )
         )
+    out += [_compiled_contender(b, "linear") for b in backends if b != "reference"]
     out += [
         Contender(
             "materialized",
