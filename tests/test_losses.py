@@ -365,3 +365,78 @@ def test_dispersion_leaves_out_an_empty_completion():
 def test_missing_rejected_logps_raises_value_error():
     with pytest.raises(ValueError, match="rejected_logps"):
         pyfastpo.preference_loss(torch.zeros(2), None)
+
+
+# f-DPO: f'(t) at t = pi / pi_ref, written from the f-divergences' definitions (Wang et al.
+# 2023, Table 1), not from pyfastpo's code: reverse KL f(t) = t log t, forward KL
+# f(t) = -log t, JS f(t) = t log t - (t + 1) log((t + 1) / 2), alpha f(t) = (t^a - a t - (1 - a)) /
+# (a (a - 1)) up to its linear part; the additive constants of f' cancel in the differences.
+def f_prime(kind, u, alpha=0.5):
+    t = torch.exp(u)
+    return {
+        "reverse_kl": torch.log(t),
+        "forward_kl": 1 - 1 / t,
+        "js_divergence": torch.log(2 * t / (t + 1)),
+        "alpha_divergence": (t ** (alpha - 1) - 1) / (alpha - 1),
+    }[kind]
+
+
+F_KINDS = [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3), ("alpha_divergence", 1.7)]
+
+
+@pytest.mark.parametrize("kind,alpha", F_KINDS)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "sigmoid_norm", "robust", "mallows_dpo"])
+def test_f_divergence_value_and_gradient(kind, alpha, loss_type):
+    x = batch(3)
+    x["c"], x["r"] = x["rc"] + 0.3 * (x["c"] - x["rc"]), x["rr"] + 0.3 * (x["r"] - x["rr"])  # |u| ~ 1
+    c, r = x["c"].clone().requires_grad_(), x["r"].clone().requires_grad_()
+    kw = dict(f_divergence_type=kind, f_alpha_divergence_coef=alpha) if kind == "alpha_divergence" else {}
+    kw = kw or dict(f_divergence_type=kind)
+    extra = dict(label_smoothing=EPS) if loss_type == "robust" else {}
+    if loss_type == "mallows_dpo":
+        extra = dict(ref_chosen_entropy=x["hc"], ref_rejected_entropy=x["hr"], vocab_size=V)
+    counts = dict(chosen_num_tokens=x["nc"], rejected_num_tokens=x["nr"])
+    out = pyfastpo.preference_loss(c, r, x["rc"], x["rr"], loss_type=loss_type, beta=BETA, **counts, **kw, **extra)
+    out.loss.backward()
+    c2, r2 = x["c"].clone().requires_grad_(), x["r"].clone().requires_grad_()
+    sc, sr = f_prime(kind, c2 - x["rc"], alpha), f_prime(kind, r2 - x["rr"], alpha)
+    h = BETA * (sc - sr)
+    nc, nr = x["nc"].double(), x["nr"].double()
+    want = {
+        "sigmoid": lambda: -ls(h),
+        "hinge": lambda: torch.relu(1 - h),
+        "ipo": lambda: (sc / nc - sr / nr - 1 / (2 * BETA)) ** 2,
+        "sigmoid_norm": lambda: -ls(BETA * (sc / nc - sr / nr)),
+        "robust": lambda: (-(1 - EPS) * ls(h) + EPS * ls(-h)) / (1 - 2 * EPS),
+        "mallows_dpo": lambda: -ls(-torch.log(phi_of(x)) * h),
+    }[loss_type]()
+    want.mean().backward()
+    torch.testing.assert_close(out.losses, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(c.grad, c2.grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(r.grad, r2.grad, rtol=1e-8, atol=1e-12)
+    # Rewards stay beta times the log-ratios, as in trl.
+    torch.testing.assert_close(out.chosen_rewards, BETA * (x["c"] - x["rc"]))
+
+
+def test_reverse_kl_and_the_alpha_limit_are_dpo():
+    x = batch(4)
+    want = pyfastpo.preference_loss(x["c"], x["r"], x["rc"], x["rr"], beta=BETA).losses
+    for kw in (
+        dict(f_divergence_type="reverse_kl"),
+        dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0),
+    ):
+        got = pyfastpo.preference_loss(x["c"], x["r"], x["rc"], x["rr"], beta=BETA, **kw).losses
+        assert torch.equal(got, want)
+
+
+def test_f_divergence_options_are_checked():
+    x = batch()
+    args = (x["c"], x["r"], x["rc"], x["rr"])
+    with pytest.raises(ValueError, match="f_divergence_type must be one of"):
+        pyfastpo.preference_loss(*args, f_divergence_type="kl")
+    with pytest.raises(ValueError, match=r"\['nca_pair'\] read the log-ratios themselves"):
+        pyfastpo.preference_loss(*args, loss_type="nca_pair", f_divergence_type="js_divergence")
+    with pytest.raises(ValueError, match="f_alpha_divergence_coef=0.3 has no effect"):
+        pyfastpo.preference_loss(*args, f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3)
+    with pytest.raises(ValueError, match="f_alpha_divergence_coef must be a finite number"):
+        pyfastpo.preference_loss(*args, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan"))

@@ -240,7 +240,8 @@ UNSUPPORTED = {
     "use_liger_kernel": dict(use_liger_kernel=True),
     "ld_alpha": dict(ld_alpha=0.5),
     "use_weighting": dict(use_weighting=True),
-    "f_divergence_type": dict(f_divergence_type="forward_kl"),
+    "f_divergence_type": dict(f_divergence_type="forward_kl", loss_type="nca_pair"),  # trl refuses it too
+    "reference_free": dict(reference_free=True, precompute_ref_log_probs=True),
     "padding_free": dict(padding_free=True),
     "pyfastpo_backend": dict(pyfastpo_backend="cuda" if not torch.cuda.is_available() else "nope"),
 }
@@ -378,3 +379,78 @@ def test_torch_compile_compiles_the_fused_linear_path(backend, tokenizer, sft_mo
         assert len(traced) >= 2 and all(t == compiled for t in traced), (compiled, traced)
     keys = [k for k in TRL_METRICS if k not in ("entropy", "mean_token_accuracy")]
     assert_same_run(*runs, keys=keys)
+
+
+@pytest.mark.parametrize(
+    "divergence",
+    [dict(f_divergence_type="js_divergence"), dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)],
+)
+def test_f_divergence_matches_dpo_trainer(divergence, tokenizer, sft_model, data, tmp_path):
+    runs = []
+    for cls, cfg in ((DPOTrainer, DPOConfig), (FastDPOTrainer, FastDPOConfig)):
+        args = config(cfg, tmp_path, **dict(PARITY, max_steps=4), **divergence)
+        runs.append(train(cls, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model)))
+    assert_same_run(*runs)
+
+
+def test_reference_free_runs_no_reference(tokenizer, sft_model, data, tmp_path):
+    """reference_free=True: no reference model is loaded or kept, and the rewards are beta
+    times the policy's own log-probs (the reference's taken as 0)."""
+    args = config(FastDPOConfig, tmp_path, **dict(PARITY, max_steps=3), reference_free=True)
+    trainer = train(FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args)
+    assert trainer.ref_model is None
+    for log in step_logs(trainer):
+        for side in ("chosen", "rejected"):
+            want = args.beta * log[f"logps/{side}"]
+            assert abs(log[f"rewards/{side}"] - want) <= 1e-6 * abs(want), (side, log)
+
+
+def test_nll_weight_adds_the_chosen_nll(tokenizer, sft_model, data, tmp_path):
+    runs = []
+    for weight in (0.0, 0.5):
+        args = config(FastDPOConfig, tmp_path, **dict(PARITY, max_steps=1), nll_weight=weight)
+        runs.append(
+            step_logs(
+                train(
+                    FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model)
+                )
+            )[0]
+        )
+    plain, with_nll = runs
+    assert "loss/nll" not in plain and with_nll["loss/nll"] > 0
+    assert abs(with_nll["loss"] - plain["loss"] - with_nll["loss/nll"]) <= 1e-5 * with_nll["loss"]
+
+
+# preference_loss parameters a config cannot hold, and why: per-pair tensors the trainer
+# computes from each batch, and a shorthand whose two long forms are config fields.
+NOT_CONFIG = {
+    "chosen_num_tokens": "computed from the completion mask",
+    "rejected_num_tokens": "computed from the completion mask",
+    "ref_chosen_entropy": "computed in the reference's pass (or precomputed)",
+    "ref_rejected_entropy": "computed in the reference's pass (or precomputed)",
+    "vocab_size": "read from the logits",
+    "dispersion": "a per-pair tensor; the trainer derives it from the reference entropies",
+    "gamma": "a shorthand for focal_gamma / simpo_gamma, which are config fields",
+}
+
+
+def test_every_preference_loss_option_is_reachable_from_the_config(tmp_path):
+    import inspect
+
+    from pyfastpo.integrations.trl_config import loss_options
+
+    params = inspect.signature(pyfastpo_preference_loss()).parameters
+    options = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+    reachable = set(loss_options(config(FastDPOConfig, tmp_path)))
+    unreachable = [n for n in options if n not in reachable and n not in NOT_CONFIG]
+    assert not unreachable, f"preference_loss options no FastDPOConfig field reaches: {unreachable}"
+    assert set(NOT_CONFIG) <= set(options)  # the exemptions name real parameters
+    fields = FastDPOConfig.__dataclass_fields__
+    for name in reachable - {"loss_type", "loss_weights"}:
+        assert fields[name].metadata.get("help"), f"FastDPOConfig.{name} has no help string"
+
+
+def pyfastpo_preference_loss():
+    from pyfastpo import preference_loss
+
+    return preference_loss

@@ -113,6 +113,7 @@ class FastDPOTrainer(DPOTrainer):
                 f"available here: {available_backends(args.device)}"
             )
         self._pyfastpo_use_linear = bool(getattr(args, "use_fused_linear", False))
+        self._pyfastpo_reference_free = bool(getattr(args, "reference_free", False))
         self._pyfastpo_needs_entropy = needs_reference_entropy(args.loss_type)
         if self._pyfastpo_use_linear:
             if compute_metrics is not None:
@@ -121,6 +122,10 @@ class FastDPOTrainer(DPOTrainer):
                     "set use_fused_linear=False or drop compute_metrics"
                 )
 
+        if self._pyfastpo_reference_free and ref_model is None:
+            # trl's constructor would load a reference model from the policy's path; an empty module
+            # stands in (never run), and is dropped below.
+            ref_model = torch.nn.Module()
         super().__init__(
             model,
             ref_model=ref_model,
@@ -137,6 +142,8 @@ class FastDPOTrainer(DPOTrainer):
         )
         if self._pyfastpo_use_linear:
             self._check_fused_linear()
+        if self._pyfastpo_reference_free:
+            self.ref_model = None  # never run: its memory goes back now
         # The fused linear path calls the unwrapped backbones, so the models accelerate compiled
         # for torch_compile=True never run there: compile the policy's region (backbone, then the
         # fused loss) and the reference's backbone call here, with the same backend and mode (as
@@ -307,7 +314,10 @@ class FastDPOTrainer(DPOTrainer):
         return self._compute_loss(model, inputs, return_outputs)
 
     def _reference_inputs(self, inputs):
-        """Precomputed reference log-probs (and entropies when a Mallows loss needs them), or None."""
+        """Precomputed reference log-probs (and entropies when a Mallows loss needs them), ``{}``
+        when training is reference-free, or None: streamed from the reference model."""
+        if self._pyfastpo_reference_free:
+            return {}
         if not self.precompute_ref_logps:
             return None
         ref = {"ref_chosen_logps": inputs["ref_chosen_logps"], "ref_rejected_logps": inputs["ref_rejected_logps"]}
@@ -383,7 +393,7 @@ class FastDPOTrainer(DPOTrainer):
         model_kwargs["use_cache"] = False
         labels = _next_token_labels(inputs["input_ids"], inputs["completion_mask"])
 
-        ref_kwargs = self._reference_inputs(inputs)  # precomputed, or None: streamed from the reference model
+        ref_kwargs = self._reference_inputs(inputs)  # precomputed, {}, or None: streamed from the reference model
         if ref_kwargs is None:
             ref_out, ref_head = self._reference_forward(model, model_kwargs, backbone_only=True)
             ref_kwargs = dict(ref_hidden=ref_out.last_hidden_state, ref_weight=ref_head.weight, ref_bias=ref_head.bias)
@@ -438,7 +448,7 @@ class FastDPOTrainer(DPOTrainer):
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
-        for key in ("mallows/dispersion", "loss/bcr"):
+        for key in ("mallows/dispersion", "loss/bcr", "loss/nll"):
             if key in out.metrics:
                 metrics[key].append(self.accelerator.gather_for_metrics(out.metrics[key]).mean().item())
 

@@ -11,7 +11,7 @@ from . import trl_version  # noqa: F401  (first: raises ImportError on an unsupp
 from trl import DPOConfig
 
 from ..backends import check_backend_available
-from ..losses import LOSS_TYPES, check_loss_options
+from ..losses import LOSS_TYPES, check_loss_options, needs_reference_entropy
 
 __all__ = ["FastDPOConfig", "check_supported", "loss_options"]
 
@@ -32,6 +32,11 @@ class FastDPOConfig(DPOConfig):
         bcr_weight (`float`, defaults to `0`): weight of budget-controlled regularization (0: off).
         bcr_budget (`float`, defaults to `0`): how far the chosen log-likelihood may fall for free.
         bcr_per_token (`bool`, defaults to `False`): measure the drop per completion token.
+        nll_weight (`float`, defaults to `0`): weight of the chosen completion's per-token NLL added
+            to every pair's loss (RPO; trl 1.13 has no such option, its nearest is a loss list with
+            ``"sft"``).
+        reference_free (`bool`, defaults to `False`): train against no reference (its log-probs
+            taken as 0); the reference model is neither run nor kept.
         pyfastpo_backend (`str`, defaults to `"auto"`): ``auto``, ``reference``, ``triton``, ``cuda`` or ``cpp``.
         use_fused_linear (`bool`, defaults to `False`): compute the loss from the backbone's hidden
             states and the ``lm_head`` weight (``pyfastpo.linear_preference_loss``) without
@@ -54,6 +59,17 @@ class FastDPOConfig(DPOConfig):
     )
     bcr_per_token: bool = field(
         default=False, metadata={"help": "BCR: divide the chosen log-likelihood drop by the completion length."}
+    )
+    nll_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the chosen completion's per-token NLL added to each pair's loss (RPO; 0: off)."},
+    )
+    reference_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Reference-free training: the reference log-probs are taken as 0 and no reference model "
+            "is run or kept (not with precompute_ref_log_probs, sync_ref_model or the Mallows losses)."
+        },
     )
     pyfastpo_backend: str = field(
         default="auto",
@@ -99,6 +115,9 @@ def loss_options(args) -> dict:
         bcr_weight=get("bcr_weight"),
         bcr_budget=get("bcr_budget"),
         bcr_per_token=get("bcr_per_token"),
+        nll_weight=get("nll_weight"),
+        f_divergence_type=args.f_divergence_type,
+        f_alpha_divergence_coef=args.f_alpha_divergence_coef,
     )
 
 
@@ -114,10 +133,13 @@ def check_supported(args) -> None:
         problems.append("ld_alpha (LD-DPO length desensitization) is not implemented; set ld_alpha=None")
     if args.use_weighting:
         problems.append("use_weighting=True (WPO weighting) is not implemented; set use_weighting=False")
-    if args.f_divergence_type != "reverse_kl":
-        problems.append(
-            f"f_divergence_type={args.f_divergence_type!r} is not implemented (only 'reverse_kl', standard DPO)"
+    if getattr(args, "reference_free", False):
+        conflicts = [name for name in ("precompute_ref_log_probs", "sync_ref_model") if getattr(args, name)]
+        conflicts += ["a Mallows loss_type (its dispersion comes from the reference)"] * bool(
+            needs_reference_entropy(args.loss_type)
         )
+        if conflicts:
+            problems.append(f"reference_free=True with {', '.join(conflicts)}: both need a reference model")
     if args.padding_free:
         problems.append(
             "padding_free=True is not supported (trl 1.13's DPOTrainer disables it as well); set padding_free=False"

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..validation import check_flags
+from .f_divergence import F_DIVERGENCE_LOSSES, F_DIVERGENCES
 from .pairwise import LOSSES, MALLOWS
 
 OPTION_DEFAULTS = {
@@ -33,6 +34,8 @@ OPTION_DEFAULTS = {
     "dispersion_scale": 0.29,
     "bcr_budget": 0.0,
     "bcr_per_token": False,
+    "f_divergence_type": "reverse_kl",
+    "f_alpha_divergence_coef": 0.5,
 }
 """Defaults of the loss-specific options (``preference_loss``'s signature matches; a test checks it)."""
 
@@ -205,9 +208,29 @@ def check_loss_options(
                 "the Mallows losses normalize entropies by log V and need a vocabulary of at least 2, "
                 f"got V={vocab_size}"
             )
+    _check_f_divergence(types, values["f_divergence_type"], values["f_alpha_divergence_coef"])
     bcr_weight = _number("bcr_weight", bcr_weight, low=0.0, why=" (negative rewards lowering the chosen likelihood)")
     _number("bcr_budget", bcr_budget, low=0.0, why=" (how far the chosen log-likelihood may fall for free)")
     if not bcr_weight and (bcr_budget != OPTION_DEFAULTS["bcr_budget"] or bcr_per_token):
         raise ValueError("bcr_budget and bcr_per_token have no effect with bcr_weight=0; set bcr_weight > 0")
     _number("nll_weight", nll_weight, low=0.0, why=" (negative rewards lowering the chosen likelihood)")
     return LossOptions(types, weights, focal_gamma, simpo_gamma)
+
+
+def _check_f_divergence(types: list, kind, alpha) -> None:
+    """f-DPO: a known divergence, only with the loss types built on the score difference
+    (as trl 1.13 refuses the others), and its alpha only with the alpha divergence."""
+    if kind not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCES)}, got {kind!r}")
+    unsupported = sorted(set(types) - F_DIVERGENCE_LOSSES)
+    if kind != "reverse_kl" and unsupported:
+        raise ValueError(
+            f"f_divergence_type={kind!r} works with {sorted(F_DIVERGENCE_LOSSES)} (the losses built on the score "
+            f"difference); {unsupported} read the log-ratios themselves: use f_divergence_type='reverse_kl'"
+        )
+    _number("f_alpha_divergence_coef", alpha)
+    if kind != "alpha_divergence" and alpha != OPTION_DEFAULTS["f_alpha_divergence_coef"]:
+        raise ValueError(
+            f"f_alpha_divergence_coef={alpha!r} has no effect with f_divergence_type={kind!r}: only "
+            "'alpha_divergence' reads it; leave it at its default (0.5)"
+        )

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .f_divergence import f_divergence_score
 from .mallows import mallows_kendall_log_prob
 
 
@@ -24,7 +25,8 @@ class PairTerms:
     when reference-free), ``chosen_tokens``/``rejected_tokens`` completion token
     counts (None when not given), ``nc``/``nr`` the same clamped to at least 1 (the
     divisors of the length-normalized losses), ``phi`` the Mallows dispersion (None
-    unless a Mallows loss is used).
+    unless a Mallows loss is used). ``sc``/``sr`` are the f-DPO scores of the log-ratios
+    (the log-ratios themselves under the default reverse KL).
     """
 
     chosen: torch.Tensor
@@ -40,6 +42,8 @@ class PairTerms:
     focal_detach: bool = False
     simpo_gamma: float = 0.5
     discopop_tau: float = 0.05
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
     @property
     def nc(self) -> torch.Tensor:
@@ -62,9 +66,19 @@ class PairTerms:
         return self.rejected - self.ref_rejected
 
     @property
+    def sc(self) -> torch.Tensor:
+        """Chosen f-DPO score ``f'(pi / pi_ref)`` (``dc`` under reverse KL)."""
+        return f_divergence_score(self.dc, self.f_divergence_type, self.f_alpha_divergence_coef)
+
+    @property
+    def sr(self) -> torch.Tensor:
+        """Rejected f-DPO score."""
+        return f_divergence_score(self.dr, self.f_divergence_type, self.f_alpha_divergence_coef)
+
+    @property
     def h(self) -> torch.Tensor:
-        """DPO's logit ``beta * (dc - dr)``."""
-        return self.beta * (self.dc - self.dr)
+        """DPO's logit ``beta * (sc - sr)``: ``beta * (dc - dr)`` under reverse KL."""
+        return self.beta * (self.sc - self.sr)
 
 
 def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,8 +102,9 @@ def hinge(p: PairTerms) -> torch.Tensor:
 
 
 def ipo(p: PairTerms) -> torch.Tensor:
-    """IPO (Azar et al. 2023) on per-token log-ratios: ``(dc/nc - dr/nr - 1/(2 beta))^2``."""
-    return (p.dc / p.nc - p.dr / p.nr - 1 / (2 * p.beta)) ** 2
+    """IPO (Azar et al. 2023) on per-token log-ratios: ``(dc/nc - dr/nr - 1/(2 beta))^2``
+    (the f-DPO scores in place of ``dc``, ``dr``)."""
+    return (p.sc / p.nc - p.sr / p.nr - 1 / (2 * p.beta)) ** 2
 
 
 def exo_pair(p: PairTerms) -> torch.Tensor:
@@ -145,8 +160,8 @@ def discopop(p: PairTerms) -> torch.Tensor:
 
 
 def sigmoid_norm(p: PairTerms) -> torch.Tensor:
-    """DPO on per-token (length-normalized) log-ratios."""
-    return -F.logsigmoid(p.beta * (p.dc / p.nc - p.dr / p.nr))
+    """DPO on per-token (length-normalized) log-ratios (f-DPO scores)."""
+    return -F.logsigmoid(p.beta * (p.sc / p.nc - p.sr / p.nr))
 
 
 def sft(p: PairTerms) -> torch.Tensor:
@@ -181,7 +196,7 @@ def mallows_dpo(p: PairTerms) -> torch.Tensor:
 def mallows_ipo(p: PairTerms) -> torch.Tensor:
     """MallowsPO-theta with IPO's squared loss on per-token log-ratios (``ipo``'s convention):
     ``(-log(phi) * (dc/nc - dr/nr) - 1/(2 beta))^2``. ``-log(phi) = 1`` gives ``ipo``."""
-    return (_theta(p) * (p.dc / p.nc - p.dr / p.nr) - 1 / (2 * p.beta)) ** 2
+    return (_theta(p) * (p.sc / p.nc - p.sr / p.nr) - 1 / (2 * p.beta)) ** 2
 
 
 def mallows_phi(p: PairTerms) -> torch.Tensor:

@@ -65,6 +65,8 @@ def preference_loss(
     bcr_budget: float = 0.0,
     bcr_per_token: bool = False,
     nll_weight: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
 ) -> PreferenceLossOutput:
     """Preference loss from per-sequence log-probs; plain torch, autograd gives the gradient.
 
@@ -97,6 +99,10 @@ def preference_loss(
             ``bcr_weight * relu(ref_chosen - chosen - bcr_budget)`` (the drop
             divided by the chosen token count when ``bcr_per_token``).
         nll_weight: weight of the chosen completion's per-token NLL (RPO).
+        f_divergence_type, f_alpha_divergence_coef: f-DPO (trl's options): the log-ratios
+            enter through ``f'`` of ``reverse_kl`` (DPO), ``forward_kl``,
+            ``js_divergence`` or ``alpha_divergence`` (coefficient alpha); see
+            :mod:`pyfastpo.losses.f_divergence`. Rewards stay ``beta * log-ratio``.
 
     Options are checked before anything is computed (see
     :mod:`pyfastpo.losses.options`): out-of-range values, values that would flip
@@ -124,6 +130,8 @@ def preference_loss(
         dispersion_scale=dispersion_scale,
         bcr_budget=bcr_budget,
         bcr_per_token=bcr_per_token,
+        f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
     )
     assert scalars.keys() == SCALAR_DEFAULTS.keys()
     options = check_loss_options(loss_type, dispersion_given=dispersion is not None, vocab_size=vocab_size, **scalars)
@@ -191,6 +199,8 @@ def preference_loss(
         focal_detach,
         simpo_gamma,
         discopop_tau,
+        f_divergence_type,
+        float(f_alpha_divergence_coef),
     )
     losses = sum(w * LOSSES[t](terms) for t, w in zip(types, weights))
     metrics = {}
