@@ -16,7 +16,7 @@ from .backends import available_backends
 from .fused import fused_preference_loss
 from .linear import linear_preference_loss, linear_sequence_logps
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
-from .pairs import FusedPreferenceLossOutput
+from .pairs import FusedPreferenceLossOutput, ld_token_weights
 from .sequence_logps import IGNORE_INDEX, SequenceLogps, sequence_logps
 from .validation import set_label_check
 from .version import __version__
@@ -31,6 +31,7 @@ __all__ = [
     "available_backends",
     "fused_preference_loss",
     "linear_preference_loss",
+    "ld_token_weights",
     "linear_sequence_logps",
     "preference_loss",
     "sequence_logps",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, pair_loss_from_stats
+from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, ld_token_weights, pair_loss_from_stats
 from .sequence_logps import IGNORE_INDEX, sequence_logps
 from .validation import check_logits_labels, check_pairs, check_reference_input
 
@@ -21,6 +21,7 @@ def fused_preference_loss(
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     inplace_backward: bool = True,
+    ld_alpha: float | None = None,
     **loss_kwargs,
 ) -> FusedPreferenceLossOutput:
     """Preference loss straight from logits: ``sequence_logps`` then ``preference_loss``.
@@ -37,6 +38,10 @@ def fused_preference_loss(
         loss_type, **loss_kwargs: as :func:`pyfastpo.preference_loss`; token
             counts and ``vocab_size`` are filled in from the logits.
         backend, inplace_backward, ignore_index: as :func:`pyfastpo.sequence_logps`.
+        ld_alpha: LD-DPO (trl's ``ld_alpha``): each completion's tokens past the
+            shorter completion of its pair weigh ``ld_alpha`` in the policy's and the
+            reference logits' log-probs (:func:`pyfastpo.ld_token_weights`; precomputed
+            reference log-probs must be weighted the same way); None: off.
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies
@@ -61,6 +66,7 @@ def fused_preference_loss(
         loss_type,
         loss_kwargs,
     )
+    weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index)
     policy = sequence_logps(
         logits,
         labels,
@@ -68,12 +74,18 @@ def fused_preference_loss(
         return_entropy=True,
         backend=backend,
         inplace_backward=inplace_backward,
+        token_weights=weights,
     )
     reference = None
     if ref_logits is not None:
         with torch.no_grad():
             reference = sequence_logps(
-                ref_logits, labels, ignore_index=ignore_index, return_entropy=True, backend=backend
+                ref_logits,
+                labels,
+                ignore_index=ignore_index,
+                return_entropy=True,
+                backend=backend,
+                token_weights=weights,
             )
     return pair_loss_from_stats(
         policy, reference, ref_chosen_logps, ref_rejected_logps, logits.shape[-1], loss_type, loss_kwargs

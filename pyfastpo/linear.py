@@ -23,7 +23,7 @@ import math
 import torch
 
 from .backends import TokenStats, backend_module, get_backend
-from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, pair_loss_from_stats
+from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, ld_token_weights, pair_loss_from_stats
 from .sequence_logps import IGNORE_INDEX, SequenceLogps, first_order_only, reduce_tokens
 from .validation import (
     FLOAT_DTYPES,
@@ -34,6 +34,7 @@ from .validation import (
     check_plain_tensor,
     check_reference_input,
     check_same_device,
+    check_token_weights,
 )
 
 DEFAULT_MEMORY_BUDGET = {"cuda": 1 << 30, "cpu": 256 << 20}
@@ -104,6 +105,7 @@ def _linear_op(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
+    token_weights: torch.Tensor | None,
     ignore_index: int,
     backend: str,
     chunk: int,
@@ -134,12 +136,12 @@ def _linear_op(
     per_seq = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=hidden.device)
     per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
     num_tokens = (labels != ignore_index).sum(dim=1)
-    logps, entropy, mean_logits = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab)
+    logps, entropy, mean_logits = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab, token_weights)
     return logps, num_tokens, entropy, mean_logits, per_seq[1:3].clone()
 
 
 @_linear_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, backend, chunk, proj):
+def _(hidden, weight, bias, labels, token_weights, ignore_index, backend, chunk, proj):
     n, t, _ = hidden.shape
     cdtype = torch.promote_types(hidden.dtype, torch.float32)
     per_seq = [hidden.new_empty(n, dtype=cdtype) for _ in range(3)]
@@ -154,6 +156,7 @@ def _linear_backward_op(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
+    token_weights: torch.Tensor | None,
     saved: torch.Tensor,
     ignore_index: int,
     backend: str,
@@ -166,12 +169,40 @@ def _linear_backward_op(
     """``(grad_hidden, grad_weight, grad_bias)``; an empty tensor for each one not needed."""
     with torch.autocast(hidden.device.type, enabled=False):
         return _linear_backward(
-            grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, chunk, proj, need_h, need_w, need_b
+            grad_logps,
+            hidden,
+            weight,
+            bias,
+            labels,
+            token_weights,
+            saved,
+            ignore_index,
+            backend,
+            chunk,
+            proj,
+            need_h,
+            need_w,
+            need_b,
         )
 
 
 @_linear_backward_op.register_fake
-def _(grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, chunk, proj, need_h, need_w, need_b):
+def _(
+    grad_logps,
+    hidden,
+    weight,
+    bias,
+    labels,
+    token_weights,
+    saved,
+    ignore_index,
+    backend,
+    chunk,
+    proj,
+    need_h,
+    need_w,
+    need_b,
+):
     return (
         torch.empty_like(hidden) if need_h else hidden.new_empty(0),
         torch.empty_like(weight) if need_w else weight.new_empty(0),
@@ -180,7 +211,20 @@ def _(grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, ch
 
 
 def _linear_backward(
-    grad_logps, hidden, weight, bias, labels, saved, ignore_index, backend, chunk, proj, need_h, need_w, need_b
+    grad_logps,
+    hidden,
+    weight,
+    bias,
+    labels,
+    token_weights,
+    saved,
+    ignore_index,
+    backend,
+    chunk,
+    proj,
+    need_h,
+    need_w,
+    need_b,
 ):
     check_not_capturing(hidden, "the fused linear path")
     impl = backend_module(backend)
@@ -190,7 +234,9 @@ def _linear_backward(
     acc = log_sum.dtype  # float32 accumulation (float64 for float64 inputs)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-    g_tok = grad_logps.to(acc)[n_idx]
+    g_tok = grad_logps.to(acc)[n_idx]  # each token is its own length-1 sequence: a scale per token
+    if token_weights is not None:
+        g_tok = g_tok * token_weights.to(acc)[n_idx, t_idx]
     # The forward's projection, recomputed in the same dtype (autocast's when it was on).
     w, b = _cast(weight, proj), _cast(bias, proj)
     for start in range(0, n_idx.numel(), chunk):
@@ -221,22 +267,34 @@ def _linear_backward(
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, backend, chunk, proj = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, output[4])
+    hidden, weight, bias, labels, token_weights, ignore_index, backend, chunk, proj = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, token_weights, output[4])
     ctx.ignore_index, ctx.backend, ctx.chunk, ctx.proj = ignore_index, backend, chunk, proj
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _linear_autograd(ctx, grad_logps, *_):
     """The linear path's backward, wired once, for eager and compiled code alike."""
-    hidden, weight, bias, labels, saved = ctx.saved_tensors
+    hidden, weight, bias, labels, token_weights, saved = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
     with torch.no_grad():
         grads = _linear_backward_op(
-            grad_logps, hidden, weight, bias, labels, saved, ctx.ignore_index, ctx.backend, ctx.chunk, ctx.proj, *need
+            grad_logps,
+            hidden,
+            weight,
+            bias,
+            labels,
+            token_weights,
+            saved,
+            ctx.ignore_index,
+            ctx.backend,
+            ctx.chunk,
+            ctx.proj,
+            *need,
         )
     grads = tuple(g if n else None for g, n in zip(grads, need))
-    return first_order_only((*grads, None, None, None, None, None), (hidden, weight, bias), "linear_sequence_logps")
+    rest = (None,) * 6  # labels, token_weights, ignore_index, backend, chunk, proj
+    return first_order_only((*grads, *rest), (hidden, weight, bias), "linear_sequence_logps")
 
 
 _linear_op.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
@@ -281,6 +339,7 @@ def linear_sequence_logps(
     backend: str = "auto",
     chunk_tokens: int | None = None,
     memory_budget_bytes: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """:func:`pyfastpo.sequence_logps` of ``hidden @ weight.T (+ bias)`` without the full logits.
 
@@ -294,17 +353,20 @@ def linear_sequence_logps(
             ``memory_budget_bytes`` (chunk logits and temporaries; default 1 GiB on
             CUDA, 256 MiB elsewhere: :data:`DEFAULT_MEMORY_BUDGET`).
         backend: as :func:`pyfastpo.sequence_logps`, for the per-chunk kernels.
+        token_weights: optional ``[N, T]`` weights of each token's log-prob, as in
+            :func:`pyfastpo.sequence_logps`.
 
     Returns:
         :class:`SequenceLogps`, each ``[N]``; ``logps`` differentiable w.r.t.
         ``hidden``, ``weight`` and ``bias``.
     """
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    check_token_weights(token_weights, labels)
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
     chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
     logps, num_tokens, entropy, mean_logits, _ = _linear_op(
-        hidden, weight, bias, labels, int(ignore_index), impl.name, chunk, proj
+        hidden, weight, bias, labels, token_weights, int(ignore_index), impl.name, chunk, proj
     )
     return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)
 
@@ -325,6 +387,7 @@ def linear_preference_loss(
     backend: str = "auto",
     chunk_tokens: int | None = None,
     memory_budget_bytes: int | None = None,
+    ld_alpha: float | None = None,
     **loss_kwargs,
 ) -> FusedPreferenceLossOutput:
     """Preference loss from last hidden states and the lm_head, logits never materialized.
@@ -340,6 +403,9 @@ def linear_preference_loss(
             reference-free.
         loss_type, **loss_kwargs: as :func:`pyfastpo.preference_loss`.
         chunk_tokens, memory_budget_bytes, backend: see :func:`linear_sequence_logps`.
+        ld_alpha: LD-DPO (as trl's ``ld_alpha``): each completion's tokens past the
+            shorter completion of its pair weigh ``ld_alpha`` in the policy's and the
+            streamed reference's log-probs (:func:`pyfastpo.ld_token_weights`); None: off.
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies included).
@@ -372,8 +438,13 @@ def linear_preference_loss(
         loss_type,
         loss_kwargs,
     )
+    weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index)
     common = dict(
-        ignore_index=ignore_index, backend=backend, chunk_tokens=chunk_tokens, memory_budget_bytes=memory_budget_bytes
+        ignore_index=ignore_index,
+        backend=backend,
+        chunk_tokens=chunk_tokens,
+        memory_budget_bytes=memory_budget_bytes,
+        token_weights=weights,
     )
     policy = linear_sequence_logps(hidden, weight, labels, bias=bias, return_entropy=True, **common)
     reference = None

@@ -20,6 +20,7 @@ from .losses import PreferenceLossOutput, preference_loss
 from .losses.options import needs_reference_entropy
 from .losses.preference_loss import check_loss_kwargs
 from .sequence_logps import SequenceLogps
+from .validation import check_pairs
 
 REFERENCE_ENTROPIES = ("ref_chosen_entropy", "ref_rejected_entropy")
 """Loss arguments filled in from a streamed reference (the Mallows losses' dispersion)."""
@@ -40,6 +41,28 @@ class FusedPreferenceLossOutput(NamedTuple):
     metrics: dict
     policy: SequenceLogps
     reference: SequenceLogps | None
+
+
+def ld_token_weights(labels: torch.Tensor, ld_alpha: float, ignore_index: int = -100) -> torch.Tensor:
+    """LD-DPO's token weights ``[N, T]`` float32 (Liu et al. 2024, trl 1.13's ``ld_alpha``).
+
+    Rows ``[:N/2]`` are the chosen completions and ``[N/2:]`` the rejected ones. Within a
+    pair, the first ``min(len_chosen, len_rejected)`` completion tokens of each row weigh 1
+    and the rest ``ld_alpha``; ignored tokens weigh 0. ``ld_alpha = 1`` is plain DPO, and
+    0 keeps only the shared length. ``labels``: ``[N, T]``, completion tokens not
+    ``ignore_index``.
+    """
+    ok = not isinstance(ld_alpha, bool) and isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0
+    if not ok:
+        raise ValueError(f"ld_alpha must be a number in [0, 1] (1: plain DPO, 0: shared length only), got {ld_alpha!r}")
+    check_pairs(labels.shape[0], "labels")
+    valid = labels != ignore_index
+    position = valid.cumsum(dim=1)  # 1-based index among the row's completion tokens
+    lengths = valid.sum(dim=1)
+    chosen, rejected = lengths.chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2)[:, None]
+    weights = torch.where(position <= shared, 1.0, float(ld_alpha))
+    return (weights * valid).to(torch.float32)
 
 
 def check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_pairs: int, device: torch.device) -> None:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .backends import TokenStats, backend_module, get_backend
-from .validation import check_flags, check_label_values, check_logits_labels
+from .validation import check_flags, check_label_values, check_logits_labels, check_token_weights
 
 IGNORE_INDEX = -100
 """The default label of tokens that do not count (prompt, padding), as in torch's
@@ -37,11 +37,42 @@ class SequenceLogps(NamedTuple):
     mean_logits: torch.Tensor
 
 
-def reduce_tokens(stats: TokenStats, num_tokens: torch.Tensor, vocab: int):
+def reduce_tokens(stats: TokenStats, num_tokens: torch.Tensor, vocab: int, token_weights=None):
     """Per-sequence ``(logps, entropy, mean_logits)``, each ``[N]``, from per-token stats
-    ``[N, T]`` (zero at ignored tokens): sums over T in a fixed order (deterministic)."""
+    ``[N, T]`` (zero at ignored tokens): sums over T in a fixed order (deterministic).
+    ``token_weights`` ``[N, T]`` (optional) weight each token's log-prob in ``logps``."""
     denom = (num_tokens * vocab).clamp_min(1).to(stats.sum_logits.dtype)
-    return stats.logp.sum(dim=1), stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom
+    logp = stats.logp if token_weights is None else stats.logp * token_weights.to(stats.logp.dtype)
+    return logp.sum(dim=1), stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom
+
+
+def run_backward(impl, logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
+    """``impl.backward`` with ``grad_scale`` per sequence ``[N]`` or per token ``[N, T]``.
+
+    The backends scale a whole sequence by one factor; a per-token scale makes every
+    token its own length-1 sequence: one launch over ``[N*T, 1, V]`` views when N and T
+    merge (contiguous logits), else one launch per sequence over ``[T, 1, V]`` views."""
+    if grad_scale.dim() == 1:
+        impl.backward(logits, labels, row_max, log_sum, grad_scale, ignore_index, out)
+        return
+    n, t, v = logits.shape
+    try:
+        x, o = logits.view(n * t, 1, v), out.view(n * t, 1, v)
+    except RuntimeError:  # N and T do not merge in the logits or in out
+        for i in range(n):
+
+            def col(a, i=i):
+                return a[i].unsqueeze(1)
+
+            scale = grad_scale[i].contiguous()
+            impl.backward(col(logits), col(labels), col(row_max), col(log_sum), scale, ignore_index, col(out))
+        return
+
+    def rows(a):
+        return a.reshape(n * t, 1)
+
+    scale = grad_scale.reshape(-1).contiguous()
+    impl.backward(x, rows(labels), rows(row_max), rows(log_sum), scale, ignore_index, o)
 
 
 def first_order_only(grads: tuple, inputs: tuple, what: str) -> tuple:
@@ -87,7 +118,12 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("pyfastpo::sequence_logps", mutates_args=())
 def _sequence_logps_op(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, backend: str, inplace_backward: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor | None,
+    ignore_index: int,
+    backend: str,
+    inplace_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logps, num_tokens, entropy, mean_logits, saved)``: the per-sequence results and the
     ``[2, N, T]`` row max and log-sum the backward reads. Raises ValueError for a label
@@ -95,12 +131,12 @@ def _sequence_logps_op(
     check_label_values(labels, logits.shape[-1], ignore_index)
     stats = backend_module(backend).forward(logits, labels, ignore_index)
     num_tokens = (labels != ignore_index).sum(dim=1)
-    logps, entropy, mean_logits = reduce_tokens(stats, num_tokens, logits.shape[-1])
+    logps, entropy, mean_logits = reduce_tokens(stats, num_tokens, logits.shape[-1], token_weights)
     return logps, num_tokens, entropy, mean_logits, torch.stack((stats.row_max, stats.log_sum))
 
 
 @_sequence_logps_op.register_fake
-def _(logits, labels, ignore_index, backend, inplace_backward):
+def _(logits, labels, token_weights, ignore_index, backend, inplace_backward):
     n, t, _ = logits.shape
     dtype = stat_dtype(logits.dtype)
     per_seq = [logits.new_empty(n, dtype=dtype) for _ in range(3)]
@@ -117,9 +153,9 @@ def _backward_op(
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    """The gradient w.r.t. ``logits`` in a fresh (contiguous) tensor."""
+    """The gradient w.r.t. ``logits`` in a fresh (contiguous) tensor; ``grad_scale`` ``[N]`` or ``[N, T]``."""
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    backend_module(backend).backward(logits, labels, saved[0], saved[1], grad_scale, ignore_index, out)
+    run_backward(backend_module(backend), logits, labels, saved[0], saved[1], grad_scale, ignore_index, out)
     return out
 
 
@@ -138,7 +174,7 @@ def _backward_inplace_op(
     backend: str,
 ) -> None:
     """The gradient w.r.t. ``logits`` written into ``logits`` (the op bumps their version counter)."""
-    backend_module(backend).backward(logits, labels, saved[0], saved[1], grad_scale, ignore_index, logits)
+    run_backward(backend_module(backend), logits, labels, saved[0], saved[1], grad_scale, ignore_index, logits)
 
 
 @_backward_inplace_op.register_fake
@@ -147,16 +183,19 @@ def _(logits, labels, saved, grad_scale, ignore_index, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, backend, inplace_backward = inputs
-    ctx.save_for_backward(logits, labels, output[4])
+    logits, labels, token_weights, ignore_index, backend, inplace_backward = inputs
+    ctx.save_for_backward(logits, labels, output[4], token_weights)
     ctx.ignore_index, ctx.backend, ctx.inplace = ignore_index, backend, inplace_backward
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_logps, *_):
-    logits, labels, saved = ctx.saved_tensors
+    logits, labels, saved, token_weights = ctx.saved_tensors
     with torch.no_grad():
-        grad_scale = grad_logps.to(saved.dtype).contiguous()
+        grad_scale = grad_logps.to(saved.dtype)
+        if token_weights is not None:  # d logps / d logp_t = w_t: a scale per token
+            grad_scale = grad_scale[:, None] * token_weights.to(saved.dtype)
+        grad_scale = grad_scale.contiguous()
         args = (labels, saved, grad_scale, ctx.ignore_index, ctx.backend)
         if ctx.inplace:
             # The op bumps the logits' version: any other saved use of them fails loudly.
@@ -164,7 +203,7 @@ def _backward(ctx, grad_logps, *_):
             out = logits
         else:
             out = _backward_op(logits, *args)
-    return first_order_only((out, None, None, None, None), (logits,), "sequence_logps")
+    return first_order_only((out, None, None, None, None, None), (logits,), "sequence_logps")
 
 
 _sequence_logps_op.register_autograd(_backward, setup_context=_setup_context)
@@ -202,6 +241,7 @@ def sequence_logps(
     return_entropy: bool = False,
     backend: str = "auto",
     inplace_backward: bool = True,
+    token_weights: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """Sum of per-token log-probabilities of ``labels`` under ``logits``, per sequence.
 
@@ -221,15 +261,20 @@ def sequence_logps(
             fails loudly instead of reading the gradient. Note: for a slice such
             as ``logits[:, :-1]`` autograd's slice backward still allocates a
             tensor the size of the full logits to hold the gradient.
+        token_weights: optional ``[N, T]`` floating weights of each token's log-prob
+            in ``logps`` (LD-DPO's length desensitization, for example: see
+            :func:`pyfastpo.ld_token_weights`); the gradient follows. Entropy and
+            mean logits stay unweighted.
 
     Returns:
         :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``.
     """
     labels = check_logits_labels(logits, labels, ignore_index)
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward)
+    check_token_weights(token_weights, labels)
     impl = get_backend(backend, logits.device, logits.dtype)
     inplace = inplace_backward and can_overwrite(logits)
     logps, num_tokens, entropy, mean_logits, _ = _sequence_logps_op(
-        logits, labels, int(ignore_index), impl.name, inplace
+        logits, labels, token_weights, int(ignore_index), impl.name, inplace
     )
     return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)

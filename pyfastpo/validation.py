@@ -102,6 +102,21 @@ def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: i
     return labels.to(torch.int64).contiguous()
 
 
+def check_token_weights(token_weights, labels: torch.Tensor) -> None:
+    """Optional per-token log-prob weights: a floating tensor shaped and placed like ``labels``."""
+    if token_weights is None:
+        return
+    check_plain_tensor("token_weights", token_weights)
+    if tuple(token_weights.shape) != tuple(labels.shape):
+        raise ValueError(
+            f"token_weights must have the labels' shape {tuple(labels.shape)}, got {tuple(token_weights.shape)}"
+        )
+    if not token_weights.dtype.is_floating_point:
+        raise ValueError(f"token_weights must be a floating tensor, got {token_weights.dtype}")
+    if token_weights.device != labels.device:
+        raise ValueError(f"token_weights is on {token_weights.device} but the labels are on {labels.device}")
+
+
 LABEL_CHECK_MODES = ("sync", "async")
 _label_check = "sync"
 

@@ -238,7 +238,6 @@ def test_plain_dpo_config_is_accepted(tokenizer, sft_model, data, tmp_path):
 
 UNSUPPORTED = {
     "use_liger_kernel": dict(use_liger_kernel=True),
-    "ld_alpha": dict(ld_alpha=0.5),
     "use_weighting": dict(use_weighting=True),
     "f_divergence_type": dict(f_divergence_type="forward_kl", loss_type="nca_pair"),  # trl refuses it too
     "reference_free": dict(reference_free=True, precompute_ref_log_probs=True),
@@ -381,14 +380,35 @@ def test_torch_compile_compiles_the_fused_linear_path(backend, tokenizer, sft_mo
     assert_same_run(*runs, keys=keys)
 
 
-@pytest.mark.parametrize(
-    "divergence",
-    [dict(f_divergence_type="js_divergence"), dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)],
-)
-def test_f_divergence_matches_dpo_trainer(divergence, tokenizer, sft_model, data, tmp_path):
+TRL_OPTIONS = {
+    "f_js": dict(f_divergence_type="js_divergence"),
+    "f_alpha": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    "ld_dpo": dict(ld_alpha=0.5),
+    "ld_dpo_precomputed": dict(ld_alpha=0.2, precompute_ref_log_probs=True),
+    "ld_dpo_ipo": dict(ld_alpha=0.5, loss_type="ipo"),
+}
+
+
+@pytest.fixture(scope="module")
+def uneven_data(data):
+    """The pairs with completions of unequal lengths (a few words added to one side or the
+    other), so that LD-DPO's tail weighting has tokens to act on."""
+    extra = [" indeed", " truly so", ""]
+
+    def lengthen(example, i):
+        key = "chosen" if i % 2 else "rejected"
+        return {key: example[key] + extra[i % 3]}
+
+    return data.map(lengthen, with_indices=True)
+
+
+@pytest.mark.parametrize("name", sorted(TRL_OPTIONS))
+def test_trl_option_matches_dpo_trainer(name, tokenizer, sft_model, uneven_data, tmp_path):
+    """f-DPO and LD-DPO as trl 1.13 computes them, step for step."""
+    data = uneven_data
     runs = []
     for cls, cfg in ((DPOTrainer, DPOConfig), (FastDPOTrainer, FastDPOConfig)):
-        args = config(cfg, tmp_path, **dict(PARITY, max_steps=4), **divergence)
+        args = config(cfg, tmp_path, **dict(PARITY, max_steps=4), **TRL_OPTIONS[name])
         runs.append(train(cls, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model)))
     assert_same_run(*runs)
 

@@ -44,7 +44,7 @@ from ..backends import available_backends
 from ..fused import fused_preference_loss
 from ..linear import linear_preference_loss
 from ..losses import check_loss_options, needs_reference_entropy
-from ..pairs import REFERENCE_ENTROPIES
+from ..pairs import REFERENCE_ENTROPIES, ld_token_weights
 from ..sequence_logps import IGNORE_INDEX, sequence_logps
 from .trl_config import FastDPOConfig, check_supported, loss_options
 
@@ -236,8 +236,11 @@ class FastDPOTrainer(DPOTrainer):
         model_kwargs["use_cache"] = False
         ref_outputs = self._reference_forward(model, model_kwargs)
         labels = _next_token_labels(inputs["input_ids"], inputs["completion_mask"])
+        weights = None if self.args.ld_alpha is None else ld_token_weights(labels, self.args.ld_alpha)
         with torch.no_grad():
-            stats = sequence_logps(ref_outputs.logits, labels, return_entropy=True, backend=self._pyfastpo_backend)
+            stats = sequence_logps(
+                ref_outputs.logits, labels, return_entropy=True, backend=self._pyfastpo_backend, token_weights=weights
+            )
         return stats.logps, stats.entropy
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
@@ -358,6 +361,7 @@ class FastDPOTrainer(DPOTrainer):
             ref_logits=None if ref_outputs is None else ref_outputs.logits,
             **(ref or {}),
             backend=self._pyfastpo_backend,
+            ld_alpha=self.args.ld_alpha,
             **self._pyfastpo_loss_kwargs,
         )
         del ref_outputs  # the reference logits: freed before the backward, as in trl
@@ -415,6 +419,7 @@ class FastDPOTrainer(DPOTrainer):
             labels,
             bias=lm_head.bias,
             backend=self._pyfastpo_backend,
+            ld_alpha=self.args.ld_alpha,
             **ref_kwargs,
             **self._pyfastpo_loss_kwargs,
         )

@@ -129,8 +129,6 @@ def check_supported(args) -> None:
             "use_liger_kernel=True: FastDPOTrainer replaces the Liger DPO loss; its fused counterpart is "
             "use_fused_linear=True (set use_liger_kernel=False)"
         )
-    if args.ld_alpha is not None:
-        problems.append("ld_alpha (LD-DPO length desensitization) is not implemented; set ld_alpha=None")
     if args.use_weighting:
         problems.append("use_weighting=True (WPO weighting) is not implemented; set use_weighting=False")
     if getattr(args, "reference_free", False):

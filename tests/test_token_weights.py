@@ -1,0 +1,115 @@
+"""Per-token log-prob weights (``token_weights``) and LD-DPO (``ld_alpha``), against a
+float64 log_softmax written here, forward and backward, on the CPU backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyfastpo
+
+V = 37
+
+
+def oracle_logps(logits, labels, weights):
+    """sum_t w_t log softmax(logits)[labels], float64."""
+    valid = labels != -100
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    return (logp * valid * weights.double()).sum(1)
+
+
+def make(n=4, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (n, t), generator=g)
+    labels[:, :2] = -100
+    labels[0, 6:] = -100  # a short completion
+    labels[n // 2 + 1, 4:] = -100
+    weights = torch.rand(n, t, generator=g) + 0.1
+    return g, labels, weights
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_token_weights_value_and_gradient(backend, layout):
+    """Contiguous logits take one launch over [N*T, 1, V]; a slice whose N and T do not
+    merge takes one launch per sequence. Both in place (non-leaf logits)."""
+    g, labels, weights = make()
+    base = torch.randn(4, 10 if layout == "strided" else 9, V, generator=g, requires_grad=True)
+    logits = (base * 2)[:, :9]  # a non-leaf: the in-place backward
+    assert logits.is_contiguous() == (layout == "contiguous")
+    out = pyfastpo.sequence_logps(logits, labels, backend=backend, token_weights=weights)
+    up = torch.randn(4, generator=g)
+    (out.logps * up).sum().backward()
+    ref_base = base.detach().double().requires_grad_()
+    want = oracle_logps((ref_base * 2)[:, :9], labels, weights)
+    (want * up.double()).sum().backward()
+    torch.testing.assert_close(out.logps.double(), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(base.grad.double(), ref_base.grad, rtol=1e-5, atol=1e-6)
+    plain = pyfastpo.sequence_logps(logits.detach(), labels, backend=backend)
+    assert torch.equal(out.num_tokens, plain.num_tokens)  # counts and metrics stay unweighted
+
+
+def test_token_weights_on_the_linear_path():
+    g, labels, weights = make(seed=1)
+    hidden = torch.randn(4, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    out = pyfastpo.linear_sequence_logps(hidden, weight, labels, token_weights=weights, chunk_tokens=5)
+    out.logps.sum().backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    oracle_logps(h2 @ w2.t(), labels, weights).sum().backward()
+    torch.testing.assert_close(out.logps, oracle_logps(hidden.detach() @ weight.detach().t(), labels, weights))
+    torch.testing.assert_close(hidden.grad, h2.grad)
+    torch.testing.assert_close(weight.grad, w2.grad)
+
+
+def ld_weights_by_hand(labels, alpha):
+    """LD-DPO's weights from its definition, one row at a time."""
+    n = labels.shape[0]
+    lengths = [int((row != -100).sum()) for row in labels]
+    out = torch.zeros(labels.shape)
+    for i, row in enumerate(labels):
+        shared = min(lengths[i % (n // 2)], lengths[i % (n // 2) + n // 2])
+        k = 0
+        for t, y in enumerate(row):
+            if y != -100:
+                k += 1
+                out[i, t] = 1.0 if k <= shared else alpha
+    return out
+
+
+def test_ld_token_weights_follow_the_definition():
+    _, labels, _ = make()
+    for alpha in (0.0, 0.3, 1.0):
+        assert torch.equal(pyfastpo.ld_token_weights(labels, alpha), ld_weights_by_hand(labels, alpha))
+
+
+@pytest.mark.parametrize("entry", ["fused", "linear"])
+def test_ld_alpha_weights_policy_and_reference(entry):
+    g, labels, _ = make(seed=2)
+    alpha = 0.4
+    w = ld_weights_by_hand(labels, alpha)
+    if entry == "fused":
+        logits, ref = torch.randn(4, 9, V, generator=g), torch.randn(4, 9, V, generator=g)
+        out = pyfastpo.fused_preference_loss(logits, labels, ref_logits=ref, ld_alpha=alpha, backend="cpp")
+    else:
+        hidden, ref_hidden = torch.randn(4, 9, 8, generator=g), torch.randn(4, 9, 8, generator=g)
+        weight = torch.randn(V, 8, generator=g)
+        out = pyfastpo.linear_preference_loss(
+            hidden, weight, labels, ref_hidden=ref_hidden, ld_alpha=alpha, backend="cpp"
+        )
+        logits, ref = hidden @ weight.t(), ref_hidden @ weight.t()
+    pol, rf = oracle_logps(logits, labels, w), oracle_logps(ref, labels, w)
+    want = pyfastpo.preference_loss(pol[:2], pol[2:], rf[:2], rf[2:]).loss
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_token_weights_and_ld_alpha_are_refused():
+    _, labels, weights = make()
+    logits = torch.randn(4, 9, V)
+    with pytest.raises(ValueError, match="token_weights must have the labels' shape"):
+        pyfastpo.sequence_logps(logits, labels, token_weights=weights[:, 1:])
+    with pytest.raises(ValueError, match="token_weights must be a floating tensor"):
+        pyfastpo.sequence_logps(logits, labels, token_weights=labels)
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"ld_alpha must be a number in \[0, 1\]"):
+            pyfastpo.fused_preference_loss(logits, labels, ld_alpha=bad)
