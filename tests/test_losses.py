@@ -97,6 +97,7 @@ def expected(loss_type, x):
         "mallows_ipo": lambda: (theta * (dc / nc - dr / nr) - 1 / (2 * BETA)) ** 2,
         "mallows_phi": lambda: -torch.log(mallows_p(h, phi_of(x))),
         "simpo": lambda: -ls(BETA * (c / nc - r / nr) - SIMPO_GAMMA),
+        "cauchy": lambda: -torch.log(0.5 + torch.atan(h) / math.pi),
     }
     return formulas[loss_type]()
 
@@ -440,3 +441,65 @@ def test_f_divergence_options_are_checked():
         pyfastpo.preference_loss(*args, f_divergence_type="js_divergence", f_alpha_divergence_coef=0.3)
     with pytest.raises(ValueError, match="f_alpha_divergence_coef must be a finite number"):
         pyfastpo.preference_loss(*args, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=float("nan"))
+
+
+# The MallowsPO authors' trainer (their dpo_loss and concatenated_forward), restated: every
+# log-prob divided by its length when length-normalizing, the reference's taken as 0 when
+# reference-free, logit = (lc - lr) - (rc - rr) - home, or with mixing
+# (lc - lr) - alpha (rc - rr) - (1 - alpha) home; the SFT term adds -coef * lc.
+RELEASE = [
+    dict(length_normalize=True, reference_free=True),
+    dict(length_normalize=True, home_advantage=0.4, sft_weight=0.5),
+    dict(mixing_alpha=0.3, home_advantage=-0.2),
+    dict(reference_free=True, mixing_alpha=0.0, home_advantage=0.25, length_normalize=True),
+]
+
+
+@pytest.mark.parametrize("loss_type", ["mallows_dpo", "cauchy", "sigmoid"])
+@pytest.mark.parametrize("opts", RELEASE, ids=lambda o: ",".join(o))
+def test_mallows_release_options(loss_type, opts):
+    x = batch(5)
+    nc, nr = x["nc"].double(), x["nr"].double()
+    norm = opts.get("length_normalize", False)
+    c, r = x["c"].clone().requires_grad_(), x["r"].clone().requires_grad_()
+    lc, lr = (c / nc, r / nr) if norm else (c, r)
+    rc, rr = (x["rc"] / nc, x["rr"] / nr) if norm else (x["rc"], x["rr"])
+    if opts.get("reference_free"):
+        rc, rr = rc * 0, rr * 0
+    home, alpha = opts.get("home_advantage", 0.0), opts.get("mixing_alpha")
+    if alpha is None:
+        logits = (lc - lr) - (rc - rr) - home
+    else:
+        logits = (lc - lr) - alpha * (rc - rr) - (1 - alpha) * home
+    theta = -torch.log(phi_of(x))
+    want = {
+        "mallows_dpo": lambda: (1 - EPS) * -ls(BETA * logits * theta) + EPS * -ls(-BETA * logits * theta),
+        "cauchy": lambda: -torch.log(torch.atan(BETA * logits) / math.pi + 0.5),
+        "sigmoid": lambda: -ls(BETA * logits),
+    }[loss_type]() - opts.get("sft_weight", 0.0) * lc
+    want.mean().backward()
+    out, gc, gr = ours(loss_type, x, **opts)
+    torch.testing.assert_close(out.losses, want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gc, c.grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(gr, r.grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(out.chosen_rewards, BETA * (lc - rc).detach())
+
+
+def test_mallows_release_options_are_checked():
+    x = batch()
+    args = (x["c"], x["r"], x["rc"], x["rr"])
+    counts = dict(chosen_num_tokens=x["nc"], rejected_num_tokens=x["nr"])
+    with pytest.raises(ValueError, match=r"\['ipo'\] already divide by the token counts"):
+        pyfastpo.preference_loss(*args, loss_type="ipo", length_normalize=True, **counts)
+    with pytest.raises(ValueError, match=r"\['length_normalize'\] need chosen_num_tokens"):
+        pyfastpo.preference_loss(*args, length_normalize=True)
+    with pytest.raises(ValueError, match="home_advantage=0.5 has no effect"):
+        pyfastpo.preference_loss(*args, loss_type="nca_pair", home_advantage=0.5)
+    with pytest.raises(ValueError, match=r"mixing_alpha must be a finite number in \[0, 1\]"):
+        pyfastpo.preference_loss(*args, mixing_alpha=1.5)
+    with pytest.raises(ValueError, match="use f_divergence_type='reverse_kl'"):
+        pyfastpo.preference_loss(*args, home_advantage=0.1, f_divergence_type="js_divergence")
+    with pytest.raises(ValueError, match="sft_weight must be"):
+        pyfastpo.preference_loss(*args, sft_weight=-1)
+    with pytest.raises(ValueError, match="reference_free"):
+        pyfastpo.preference_loss(*args, reference_free=1)

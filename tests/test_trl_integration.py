@@ -474,3 +474,19 @@ def pyfastpo_preference_loss():
     from pyfastpo import preference_loss
 
     return preference_loss
+
+
+def test_mallows_paper_preset_trains(tokenizer, sft_model, data, tmp_path):
+    """FastDPOConfig.mallows_paper(): the MallowsPO authors' settings. The reference model
+    stays (its entropies set the dispersion) while its log-probs are left out, so the
+    rewards are beta times the policy's per-token log-probs."""
+    kwargs = tiny_setup.dpo_config_kwargs(output_dir=str(tmp_path / "out"), learning_rate=3e-4, max_steps=2)
+    kwargs.pop("beta", None)
+    args = FastDPOConfig.mallows_paper(**kwargs)
+    assert (args.loss_type, args.beta, args.dispersion_scale) == (["mallows_dpo"], 10.0, 0.29)
+    assert args.length_normalize and args.reference_free and args.mixing_alpha is None
+    trainer = train(FastDPOTrainer, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model))
+    assert trainer.ref_model is not None
+    logs = step_logs(trainer)
+    assert len(logs) == 2 and all(math.isfinite(log["loss"]) and 0 < log["mallows/dispersion"] <= 1 for log in logs)
+    assert logs[0]["rewards/chosen"] != 0  # no reference subtracted: policy = reference at step 1

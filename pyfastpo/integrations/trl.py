@@ -113,7 +113,11 @@ class FastDPOTrainer(DPOTrainer):
                 f"available here: {available_backends(args.device)}"
             )
         self._pyfastpo_use_linear = bool(getattr(args, "use_fused_linear", False))
-        self._pyfastpo_reference_free = bool(getattr(args, "reference_free", False))
+        # Reference-free with no Mallows loss: no reference model at all (a Mallows loss still
+        # reads the reference's entropies; its log-probs are then ignored by the loss).
+        self._pyfastpo_no_reference = bool(getattr(args, "reference_free", False)) and not needs_reference_entropy(
+            args.loss_type
+        )
         self._pyfastpo_needs_entropy = needs_reference_entropy(args.loss_type)
         if self._pyfastpo_use_linear:
             if compute_metrics is not None:
@@ -122,7 +126,7 @@ class FastDPOTrainer(DPOTrainer):
                     "set use_fused_linear=False or drop compute_metrics"
                 )
 
-        if self._pyfastpo_reference_free and ref_model is None:
+        if self._pyfastpo_no_reference and ref_model is None:
             # trl's constructor would load a reference model from the policy's path; an empty module
             # stands in (never run), and is dropped below.
             ref_model = torch.nn.Module()
@@ -142,7 +146,7 @@ class FastDPOTrainer(DPOTrainer):
         )
         if self._pyfastpo_use_linear:
             self._check_fused_linear()
-        if self._pyfastpo_reference_free:
+        if self._pyfastpo_no_reference:
             self.ref_model = None  # never run: its memory goes back now
         # The fused linear path calls the unwrapped backbones, so the models accelerate compiled
         # for torch_compile=True never run there: compile the policy's region (backbone, then the
@@ -318,8 +322,8 @@ class FastDPOTrainer(DPOTrainer):
 
     def _reference_inputs(self, inputs):
         """Precomputed reference log-probs (and entropies when a Mallows loss needs them), ``{}``
-        when training is reference-free, or None: streamed from the reference model."""
-        if self._pyfastpo_reference_free:
+        when no reference model runs (reference-free, no Mallows loss), or None: streamed."""
+        if self._pyfastpo_no_reference:
             return {}
         if not self.precompute_ref_logps:
             return None

@@ -35,8 +35,16 @@ class FastDPOConfig(DPOConfig):
         nll_weight (`float`, defaults to `0`): weight of the chosen completion's per-token NLL added
             to every pair's loss (RPO; trl 1.13 has no such option, its nearest is a loss list with
             ``"sft"``).
-        reference_free (`bool`, defaults to `False`): train against no reference (its log-probs
-            taken as 0); the reference model is neither run nor kept.
+        reference_free (`bool`, defaults to `False`): the reference log-probs are taken as 0. The
+            reference model is neither run nor kept, except with a Mallows loss, where its
+            entropies still set the dispersion (the MallowsPO authors' default).
+        length_normalize (`bool`, defaults to `False`): divide every log-prob by its completion's
+            length before the loss (the MallowsPO authors' ``length_normalization``).
+        home_advantage (`float`, defaults to `0`): a margin subtracted inside DPO's logit.
+        mixing_alpha (`float` or `None`, defaults to `None`): the MallowsPO authors' mixing of the
+            reference ratio and the home advantage in the logit.
+        sft_weight (`float`, defaults to `0`): adds ``sft_weight`` times the chosen completion's NLL
+            (summed; per token under ``length_normalize``).
         pyfastpo_backend (`str`, defaults to `"auto"`): ``auto``, ``reference``, ``triton``, ``cuda`` or ``cpp``.
         use_fused_linear (`bool`, defaults to `False`): compute the loss from the backbone's hidden
             states and the ``lm_head`` weight (``pyfastpo.linear_preference_loss``) without
@@ -67,9 +75,27 @@ class FastDPOConfig(DPOConfig):
     reference_free: bool = field(
         default=False,
         metadata={
-            "help": "Reference-free training: the reference log-probs are taken as 0 and no reference model "
-            "is run or kept (not with precompute_ref_log_probs, sync_ref_model or the Mallows losses)."
+            "help": "Reference-free training: the reference log-probs are taken as 0. No reference model is run "
+            "or kept, except with a Mallows loss, whose dispersion comes from the reference's entropies."
         },
+    )
+    length_normalize: bool = field(
+        default=False,
+        metadata={"help": "Divide every log-prob by its completion length before the loss (MallowsPO authors)."},
+    )
+    home_advantage: float = field(
+        default=0.0, metadata={"help": "Margin subtracted from the log-ratio difference in DPO's logit."}
+    )
+    mixing_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "MallowsPO authors' mixing: logit = beta ((chosen - rejected) - alpha (ref_chosen - ref_rejected) "
+            "- (1 - alpha) home_advantage); None: off."
+        },
+    )
+    sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the chosen completion's NLL (summed, per token under length_normalize) added."},
     )
     pyfastpo_backend: str = field(
         default="auto",
@@ -82,6 +108,18 @@ class FastDPOConfig(DPOConfig):
             "(pyfastpo.linear_preference_loss), never materializing the logits."
         },
     )
+
+    @classmethod
+    def mallows_paper(cls, output_dir: str | None = None, **overrides) -> FastDPOConfig:
+        """The MallowsPO authors' released training configuration (their ``DPOConfig``
+        defaults, github.com/haoxian-chen/MallowsPO): ``mallows_dpo``, ``beta=10``,
+        dispersion scale ``c=0.29`` (their ``neg_log_dispersion_mean``), length
+        normalization, reference-free logits (the reference model only sets the
+        dispersion), no home advantage, mixing or SFT term. ``overrides`` replace any field."""
+        settings = dict(
+            loss_type="mallows_dpo", beta=10.0, dispersion_scale=0.29, length_normalize=True, reference_free=True
+        )
+        return cls(output_dir=output_dir, **{**settings, **overrides})
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):
@@ -116,6 +154,11 @@ def loss_options(args) -> dict:
         bcr_budget=get("bcr_budget"),
         bcr_per_token=get("bcr_per_token"),
         nll_weight=get("nll_weight"),
+        sft_weight=get("sft_weight"),
+        length_normalize=get("length_normalize"),
+        reference_free=get("reference_free"),
+        home_advantage=get("home_advantage"),
+        mixing_alpha=get("mixing_alpha"),
         f_divergence_type=args.f_divergence_type,
         f_alpha_divergence_coef=args.f_alpha_divergence_coef,
     )
@@ -131,13 +174,13 @@ def check_supported(args) -> None:
         )
     if args.use_weighting:
         problems.append("use_weighting=True (WPO weighting) is not implemented; set use_weighting=False")
-    if getattr(args, "reference_free", False):
+    if getattr(args, "reference_free", False) and not needs_reference_entropy(args.loss_type):
         conflicts = [name for name in ("precompute_ref_log_probs", "sync_ref_model") if getattr(args, name)]
-        conflicts += ["a Mallows loss_type (its dispersion comes from the reference)"] * bool(
-            needs_reference_entropy(args.loss_type)
-        )
         if conflicts:
-            problems.append(f"reference_free=True with {', '.join(conflicts)}: both need a reference model")
+            problems.append(
+                f"reference_free=True runs no reference model (no Mallows loss needs its entropies), so "
+                f"{', '.join(conflicts)} would have nothing to do; drop them"
+            )
     if args.padding_free:
         problems.append(
             "padding_free=True is not supported (trl 1.13's DPOTrainer disables it as well); set padding_free=False"

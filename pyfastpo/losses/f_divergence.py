@@ -15,10 +15,10 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 
 F_DIVERGENCE_LOSSES = frozenset(
     {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
-    | {"focalpo", "mallows_dpo", "mallows_ipo", "mallows_phi"}
+    | {"focalpo", "mallows_dpo", "mallows_ipo", "mallows_phi", "cauchy"}
 )
 """Loss types built on the score difference: trl 1.13's list, plus pyfastpo's types that
-are written in DPO's logit ``h`` (FocalPO, MallowsPO). The others read the log-ratios
+are written in DPO's logit ``h`` (FocalPO, MallowsPO, Cauchy). The others read the log-ratios
 themselves (NCA, BCO, SPPO, AOT, APO) or have no reference (SimPO), and are refused."""
 
 _ALPHA_CLAMP = 80.0

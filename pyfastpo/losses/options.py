@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..validation import check_flags
 from .f_divergence import F_DIVERGENCE_LOSSES, F_DIVERGENCES
-from .pairwise import LOSSES, MALLOWS
+from .pairwise import LOGIT_LOSSES, LOSSES, MALLOWS, PER_TOKEN
 
 OPTION_DEFAULTS = {
     "label_smoothing": 0.0,
@@ -36,10 +36,21 @@ OPTION_DEFAULTS = {
     "bcr_per_token": False,
     "f_divergence_type": "reverse_kl",
     "f_alpha_divergence_coef": 0.5,
+    "home_advantage": 0.0,
+    "mixing_alpha": None,
 }
 """Defaults of the loss-specific options (``preference_loss``'s signature matches; a test checks it)."""
 
-SCALAR_DEFAULTS = {"loss_weights": None, "beta": 0.1, "bcr_weight": 0.0, "nll_weight": 0.0, **OPTION_DEFAULTS}
+SCALAR_DEFAULTS = {
+    "loss_weights": None,
+    "beta": 0.1,
+    "bcr_weight": 0.0,
+    "nll_weight": 0.0,
+    "sft_weight": 0.0,
+    "length_normalize": False,
+    "reference_free": False,
+    **OPTION_DEFAULTS,
+}
 """Defaults of every scalar option :func:`check_loss_options` takes (the same test checks them)."""
 
 USED_BY = {
@@ -50,6 +61,8 @@ USED_BY = {
     "simpo_gamma": {"simpo"},
     "discopop_tau": {"discopop"},
     "dispersion_scale": set(MALLOWS),
+    "home_advantage": LOGIT_LOSSES,
+    "mixing_alpha": LOGIT_LOSSES,
 }
 """Which loss types read each loss-specific option; set elsewhere, an option is refused."""
 
@@ -214,6 +227,7 @@ def check_loss_options(
     if not bcr_weight and (bcr_budget != OPTION_DEFAULTS["bcr_budget"] or bcr_per_token):
         raise ValueError("bcr_budget and bcr_per_token have no effect with bcr_weight=0; set bcr_weight > 0")
     _number("nll_weight", nll_weight, low=0.0, why=" (negative rewards lowering the chosen likelihood)")
+    _check_mallows_release(types, o)
     return LossOptions(types, weights, focal_gamma, simpo_gamma)
 
 
@@ -233,4 +247,22 @@ def _check_f_divergence(types: list, kind, alpha) -> None:
         raise ValueError(
             f"f_alpha_divergence_coef={alpha!r} has no effect with f_divergence_type={kind!r}: only "
             "'alpha_divergence' reads it; leave it at its default (0.5)"
+        )
+
+
+def _check_mallows_release(types: list, o: dict) -> None:
+    """The options of the MallowsPO authors' trainer: length normalization, reference-free
+    training, the home advantage, the mixing alpha and the SFT term."""
+    check_flags(length_normalize=o["length_normalize"], reference_free=o["reference_free"])
+    _number("sft_weight", o["sft_weight"], low=0.0, why=" (negative rewards lowering the chosen likelihood)")
+    _number("home_advantage", o["home_advantage"])
+    twice = sorted(PER_TOKEN & set(types))
+    if o["length_normalize"] and twice:
+        raise ValueError(f"length_normalize=True: {twice} already divide by the token counts; leave it False")
+    alpha = o["mixing_alpha"]
+    if alpha is not None:
+        _number("mixing_alpha", alpha, low=0.0, high=1.0, high_open=False, why=" (the reference ratio's weight)")
+    if (alpha is not None or o["home_advantage"]) and o["f_divergence_type"] != "reverse_kl":
+        raise ValueError(
+            "home_advantage and mixing_alpha shift DPO's log-ratio logit: use f_divergence_type='reverse_kl'"
         )

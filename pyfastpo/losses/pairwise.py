@@ -44,6 +44,8 @@ class PairTerms:
     discopop_tau: float = 0.05
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    home_advantage: float = 0.0
+    mixing_alpha: float | None = None
 
     @property
     def nc(self) -> torch.Tensor:
@@ -76,9 +78,19 @@ class PairTerms:
         return f_divergence_score(self.dr, self.f_divergence_type, self.f_alpha_divergence_coef)
 
     @property
+    def margin(self) -> torch.Tensor:
+        """The preference margin before ``beta``: ``sc - sr - home_advantage`` (``dc - dr`` by
+        default); with ``mixing_alpha`` (the MallowsPO authors' mixing) ``(chosen - rejected)
+        - alpha (ref_chosen - ref_rejected) - (1 - alpha) home_advantage``."""
+        if self.mixing_alpha is None:
+            return self.sc - self.sr - self.home_advantage
+        a = self.mixing_alpha
+        return (self.chosen - self.rejected) - a * (self.ref_chosen - self.ref_rejected) - (1 - a) * self.home_advantage
+
+    @property
     def h(self) -> torch.Tensor:
-        """DPO's logit ``beta * (sc - sr)``: ``beta * (dc - dr)`` under reverse KL."""
-        return self.beta * (self.sc - self.sr)
+        """DPO's logit ``beta * margin``: ``beta * (dc - dr)`` by default."""
+        return self.beta * self.margin
 
 
 def _smoothed_sigmoid(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -205,6 +217,12 @@ def mallows_phi(p: PairTerms) -> torch.Tensor:
     return -mallows_kendall_log_prob(p.h, p.phi)
 
 
+def cauchy(p: PairTerms) -> torch.Tensor:
+    """The MallowsPO authors' Cauchy link: ``-log(atan(h) / pi + 1/2)``, the negative log of
+    the standard Cauchy CDF at the logit ``h`` (where DPO takes the logistic CDF)."""
+    return -torch.log(torch.atan(p.h) / math.pi + 0.5)
+
+
 def simpo(p: PairTerms) -> torch.Tensor:
     """SimPO (Meng et al. 2024): ``-logsigmoid(beta (lc/nc - lr/nr) - gamma)``, no reference."""
     return -F.logsigmoid(p.beta * (p.chosen / p.nc - p.rejected / p.nr) - p.simpo_gamma)
@@ -233,9 +251,15 @@ LOSSES = {
         mallows_ipo,
         mallows_phi,
         simpo,
+        cauchy,
     )
 }
 """Every ``loss_type`` by name."""
 
 NEEDS_TOKEN_COUNTS = {"ipo", "sigmoid_norm", "sft", "simpo", "mallows_ipo"}
 MALLOWS = {"mallows_dpo", "mallows_ipo", "mallows_phi"}
+LOGIT_LOSSES = {"sigmoid", "robust", "hinge", "exo_pair", "discopop", "focalpo", "mallows_dpo", "mallows_phi", "cauchy"}
+"""The loss types written in the logit ``h`` alone: the ones ``home_advantage`` and
+``mixing_alpha`` (which change ``h``) apply to."""
+PER_TOKEN = {"ipo", "sigmoid_norm", "mallows_ipo", "simpo", "sft"}
+"""The loss types that already divide by the token counts (``length_normalize`` would do it twice)."""

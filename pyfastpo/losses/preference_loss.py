@@ -67,6 +67,11 @@ def preference_loss(
     nll_weight: float = 0.0,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
+    length_normalize: bool = False,
+    reference_free: bool = False,
+    home_advantage: float = 0.0,
+    mixing_alpha: float | None = None,
+    sft_weight: float = 0.0,
 ) -> PreferenceLossOutput:
     """Preference loss from per-sequence log-probs; plain torch, autograd gives the gradient.
 
@@ -103,6 +108,21 @@ def preference_loss(
             enter through ``f'`` of ``reverse_kl`` (DPO), ``forward_kl``,
             ``js_divergence`` or ``alpha_divergence`` (coefficient alpha); see
             :mod:`pyfastpo.losses.f_divergence`. Rewards stay ``beta * log-ratio``.
+        length_normalize: divide every log-prob (policy and reference) by its
+            completion's token count before the loss, as the MallowsPO authors' trainer
+            does (``length_normalization``); not with the types that already do.
+        reference_free: take the reference log-probs as 0 even when given (the
+            MallowsPO authors' default: the reference model then only sets the Mallows
+            dispersion through its entropies).
+        home_advantage: a margin subtracted from the log-ratio difference inside the
+            logit ``h`` (the logit-based types: ``sigmoid``, ``robust``, ``hinge``,
+            ``exo_pair``, ``discopop``, ``focalpo``, ``mallows_dpo``, ``mallows_phi``,
+            ``cauchy``).
+        mixing_alpha: the MallowsPO authors' mixing, for the same types: the logit is
+            ``beta ((chosen - rejected) - alpha (ref_chosen - ref_rejected) - (1 - alpha)
+            home_advantage)``; None: off.
+        sft_weight: adds ``sft_weight * (-chosen_logps)`` per pair, the chosen completion's
+            summed NLL (per token under ``length_normalize``): the authors' SFT term.
 
     Options are checked before anything is computed (see
     :mod:`pyfastpo.losses.options`): out-of-range values, values that would flip
@@ -132,6 +152,11 @@ def preference_loss(
         bcr_per_token=bcr_per_token,
         f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef,
+        length_normalize=length_normalize,
+        reference_free=reference_free,
+        home_advantage=home_advantage,
+        mixing_alpha=mixing_alpha,
+        sft_weight=sft_weight,
     )
     assert scalars.keys() == SCALAR_DEFAULTS.keys()
     options = check_loss_options(loss_type, dispersion_given=dispersion is not None, vocab_size=vocab_size, **scalars)
@@ -161,17 +186,22 @@ def preference_loss(
 
     dtype = torch.promote_types(chosen_logps.dtype, torch.float32)
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
-    ref_chosen = chosen.new_zeros(b) if ref_chosen_logps is None else ref_chosen_logps.to(dtype)
-    ref_rejected = chosen.new_zeros(b) if ref_rejected_logps is None else ref_rejected_logps.to(dtype)
+    no_reference = reference_free or ref_chosen_logps is None
+    ref_chosen = chosen.new_zeros(b) if no_reference else ref_chosen_logps.to(dtype)
+    ref_rejected = chosen.new_zeros(b) if no_reference else ref_rejected_logps.to(dtype)
 
     needs_counts = [t for t in types if t in NEEDS_TOKEN_COUNTS]
     needs_counts += ["bcr_per_token"] if bcr_per_token and bcr_weight else []
     needs_counts += ["nll_weight"] if nll_weight else []
+    needs_counts += ["length_normalize"] if length_normalize else []
     have_counts = chosen_num_tokens is not None and rejected_num_tokens is not None
     if needs_counts and not have_counts:
         raise ValueError(f"{needs_counts} need chosen_num_tokens and rejected_num_tokens (completion token counts)")
     chosen_tokens = chosen_num_tokens.to(dtype) if chosen_num_tokens is not None else None
     rejected_tokens = rejected_num_tokens.to(dtype) if rejected_num_tokens is not None else None
+    if length_normalize:  # every log-prob per token, as the MallowsPO authors' trainer does
+        nc, nr = chosen_tokens.clamp_min(1), rejected_tokens.clamp_min(1)
+        chosen, rejected, ref_chosen, ref_rejected = chosen / nc, rejected / nr, ref_chosen / nc, ref_rejected / nr
 
     phi = None
     if MALLOWS & set(types):
@@ -201,6 +231,8 @@ def preference_loss(
         discopop_tau,
         f_divergence_type,
         float(f_alpha_divergence_coef),
+        float(home_advantage),
+        None if mixing_alpha is None else float(mixing_alpha),
     )
     losses = sum(w * LOSSES[t](terms) for t, w in zip(types, weights))
     metrics = {}
@@ -213,6 +245,10 @@ def preference_loss(
         nll = nll_weight * (-chosen / terms.nc)
         losses = losses + nll
         metrics["loss/nll"] = nll.detach().mean()
+    if sft_weight:
+        sft_term = sft_weight * (-chosen)
+        losses = losses + sft_term
+        metrics["loss/sft"] = sft_term.detach().mean()
 
     chosen_rewards = (beta * terms.dc).detach()
     rejected_rewards = (beta * terms.dr).detach()
