@@ -65,6 +65,7 @@ def fused_preference_loss(
         ref_rejected_logps,
         loss_type,
         loss_kwargs,
+        ld_alpha,
     )
     weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index)
     policy = sequence_logps(

@@ -437,6 +437,7 @@ def linear_preference_loss(
         ref_rejected_logps,
         loss_type,
         loss_kwargs,
+        ld_alpha,
     )
     weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index)
     common = dict(

@@ -43,6 +43,25 @@ class FusedPreferenceLossOutput(NamedTuple):
     reference: SequenceLogps | None
 
 
+def check_ld_alpha(ld_alpha, loss_type, options: dict) -> None:
+    """``ld_alpha`` (None: off) in [0, 1], and not with the terms that need the unweighted
+    log-probs: trl's ``sft`` loss type (a plain cross-entropy in trl, also under LD-DPO),
+    ``nll_weight`` and ``sft_weight`` (an NLL of the completion as it is)."""
+    if ld_alpha is None:
+        return
+    ok = not isinstance(ld_alpha, bool) and isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0
+    if not ok:
+        raise ValueError(f"ld_alpha must be a number in [0, 1] (1: plain DPO, 0: shared length only), got {ld_alpha!r}")
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    unweighted = ["loss_type='sft'"] * ("sft" in types)
+    unweighted += [name for name in ("nll_weight", "sft_weight") if options.get(name)]
+    if unweighted:
+        raise ValueError(
+            f"ld_alpha weights the log-probs, but {unweighted} need the unweighted ones (an NLL of the "
+            "completion as it is); this combination is not supported"
+        )
+
+
 def ld_token_weights(labels: torch.Tensor, ld_alpha: float, ignore_index: int = -100) -> torch.Tensor:
     """LD-DPO's token weights ``[N, T]`` float32 (Liu et al. 2024, trl 1.13's ``ld_alpha``).
 
@@ -52,9 +71,7 @@ def ld_token_weights(labels: torch.Tensor, ld_alpha: float, ignore_index: int = 
     0 keeps only the shared length. ``labels``: ``[N, T]``, completion tokens not
     ``ignore_index``.
     """
-    ok = not isinstance(ld_alpha, bool) and isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0
-    if not ok:
-        raise ValueError(f"ld_alpha must be a number in [0, 1] (1: plain DPO, 0: shared length only), got {ld_alpha!r}")
+    check_ld_alpha(ld_alpha, "sigmoid", {})
     check_pairs(labels.shape[0], "labels")
     valid = labels != ignore_index
     position = valid.cumsum(dim=1)  # 1-based index among the row's completion tokens
@@ -90,10 +107,19 @@ def check_pair_loss_arguments(
     ref_rejected_logps,
     loss_type,
     loss_kwargs: dict,
+    ld_alpha: float | None = None,
 ) -> None:
     """The loss-side arguments of both entry points, checked before any pass over the data:
-    precomputed reference log-probs and the loss options (``num_rows = N`` sequences)."""
+    precomputed reference log-probs, the loss options (``num_rows = N`` sequences) and
+    ``ld_alpha``."""
     check_reference_logps(ref_chosen_logps, ref_rejected_logps, num_rows // 2, device)
+    given = reference_streamed or ref_chosen_logps is not None
+    if loss_kwargs.get("reference_free") and given and not needs_reference_entropy(loss_type):
+        raise ValueError(
+            "reference_free=True takes the reference log-probs as 0 and no loss type here reads the "
+            "reference's entropies (only the Mallows losses do): pass no reference inputs"
+        )
+    check_ld_alpha(ld_alpha, loss_type, loss_kwargs)
     check_loss_kwargs(
         loss_type,
         loss_kwargs,

@@ -115,6 +115,8 @@ def check_token_weights(token_weights, labels: torch.Tensor) -> None:
         raise ValueError(f"token_weights must be a floating tensor, got {token_weights.dtype}")
     if token_weights.device != labels.device:
         raise ValueError(f"token_weights is on {token_weights.device} but the labels are on {labels.device}")
+    if token_weights.requires_grad:
+        raise ValueError("token_weights are constants (no gradient flows to them): pass token_weights.detach()")
 
 
 LABEL_CHECK_MODES = ("sync", "async")

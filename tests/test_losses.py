@@ -117,7 +117,7 @@ OPTIONS = {
 }
 
 
-def ours(loss_type, x, **kw):
+def ours(loss_type, x, with_reference=True, **kw):
     c = x["c"].clone().requires_grad_()
     r = x["r"].clone().requires_grad_()
     kwargs = dict(
@@ -132,7 +132,8 @@ def ours(loss_type, x, **kw):
     for t in [loss_type] if isinstance(loss_type, str) else loss_type:
         kwargs.update(OPTIONS.get(t, {}))
     kwargs.update(kw)
-    out = pyfastpo.preference_loss(c, r, x["rc"], x["rr"], **kwargs)
+    refs = (x["rc"], x["rr"]) if with_reference else (None, None)
+    out = pyfastpo.preference_loss(c, r, *refs, **kwargs)
     out.loss.backward()
     return out, c.grad, r.grad
 
@@ -478,7 +479,9 @@ def test_mallows_release_options(loss_type, opts):
         "sigmoid": lambda: -ls(BETA * logits),
     }[loss_type]() - opts.get("sft_weight", 0.0) * lc
     want.mean().backward()
-    out, gc, gr = ours(loss_type, x, **opts)
+    # Reference-free: the reference model only matters through a Mallows loss's entropies.
+    with_reference = not opts.get("reference_free") or loss_type == "mallows_dpo"
+    out, gc, gr = ours(loss_type, x, with_reference=with_reference, **opts)
     torch.testing.assert_close(out.losses, want.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gc, c.grad, rtol=1e-8, atol=1e-12)
     torch.testing.assert_close(gr, r.grad, rtol=1e-8, atol=1e-12)
@@ -503,3 +506,31 @@ def test_mallows_release_options_are_checked():
         pyfastpo.preference_loss(*args, sft_weight=-1)
     with pytest.raises(ValueError, match="reference_free"):
         pyfastpo.preference_loss(*args, reference_free=1)
+    with pytest.raises(ValueError, match="pass no reference log-probs"):
+        pyfastpo.preference_loss(*args, reference_free=True)
+    with pytest.raises(ValueError, match="home_advantage has no effect with mixing_alpha=1"):
+        pyfastpo.preference_loss(*args, mixing_alpha=1.0, home_advantage=0.3)
+
+
+def test_nll_and_bcr_read_the_summed_log_probs_under_length_normalize():
+    """length_normalize divides the loss's log-probs; the NLL and BCR terms divide by the
+    counts themselves and must not do it twice."""
+    c, r = torch.tensor([-20.0]), torch.tensor([-30.0])
+    rc, rr = torch.tensor([-15.0]), torch.tensor([-30.0])
+    counts = dict(chosen_num_tokens=torch.tensor([10]), rejected_num_tokens=torch.tensor([10]))
+    for norm in (False, True):
+        out = pyfastpo.preference_loss(
+            c, r, rc, rr, nll_weight=1.0, bcr_weight=1.0, bcr_per_token=True, length_normalize=norm, **counts
+        )
+        assert out.metrics["loss/nll"].item() == pytest.approx(2.0)  # 20 nats over 10 tokens
+        assert out.metrics["loss/bcr"].item() == pytest.approx(0.5)  # a 5-nat drop over 10 tokens
+
+
+def test_cauchy_is_finite_far_out():
+    c = torch.tensor([-1e9, -1e4, 0.0, 1e4], requires_grad=True)
+    out = pyfastpo.preference_loss(c, torch.zeros(4), loss_type="cauchy", beta=1.0)
+    out.loss.backward()
+    assert torch.isfinite(out.losses).all() and torch.isfinite(c.grad).all()
+    torch.testing.assert_close(
+        out.losses[1], -torch.log(torch.atan(torch.tensor(-1e4, dtype=torch.float64)) / math.pi + 0.5).float()
+    )

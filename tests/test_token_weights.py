@@ -9,6 +9,9 @@ import torch
 import pyfastpo
 
 V = 37
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Every backend this machine runs (triton under its interpreter on a CPU: tests/conftest.py).
+BACKENDS = [b for b in ("reference", "cpp", "triton", "cuda") if b in pyfastpo.available_backends(DEVICE)]
 
 
 def oracle_logps(logits, labels, weights):
@@ -28,17 +31,18 @@ def make(n=4, t=9, seed=0):
     return g, labels, weights
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_token_weights_value_and_gradient(backend, layout):
     """Contiguous logits take one launch over [N*T, 1, V]; a slice whose N and T do not
     merge takes one launch per sequence. Both in place (non-leaf logits)."""
     g, labels, weights = make()
-    base = torch.randn(4, 10 if layout == "strided" else 9, V, generator=g, requires_grad=True)
+    labels, weights = labels.to(DEVICE), weights.to(DEVICE)
+    base = torch.randn(4, 10 if layout == "strided" else 9, V, generator=g).to(DEVICE).requires_grad_()
     logits = (base * 2)[:, :9]  # a non-leaf: the in-place backward
     assert logits.is_contiguous() == (layout == "contiguous")
     out = pyfastpo.sequence_logps(logits, labels, backend=backend, token_weights=weights)
-    up = torch.randn(4, generator=g)
+    up = torch.randn(4, generator=g).to(DEVICE)
     (out.logps * up).sum().backward()
     ref_base = base.detach().double().requires_grad_()
     want = oracle_logps((ref_base * 2)[:, :9], labels, weights)
@@ -110,6 +114,13 @@ def test_bad_token_weights_and_ld_alpha_are_refused():
         pyfastpo.sequence_logps(logits, labels, token_weights=weights[:, 1:])
     with pytest.raises(ValueError, match="token_weights must be a floating tensor"):
         pyfastpo.sequence_logps(logits, labels, token_weights=labels)
+    with pytest.raises(ValueError, match=r"token_weights are constants"):
+        pyfastpo.sequence_logps(logits, labels, token_weights=weights.requires_grad_())
+    for kwargs in (dict(loss_type="sft"), dict(nll_weight=0.5), dict(sft_weight=0.5)):
+        with pytest.raises(ValueError, match="need the unweighted ones"):
+            pyfastpo.fused_preference_loss(logits, labels, ld_alpha=0.5, **kwargs)
+    with pytest.raises(ValueError, match="pass no reference inputs"):
+        pyfastpo.fused_preference_loss(logits, labels, ref_logits=logits, reference_free=True)
     for bad in (-0.1, 1.5, float("nan"), True):
         with pytest.raises(ValueError, match=r"ld_alpha must be a number in \[0, 1\]"):
             pyfastpo.fused_preference_loss(logits, labels, ld_alpha=bad)

@@ -126,7 +126,11 @@ class FastDPOTrainer(DPOTrainer):
                     "set use_fused_linear=False or drop compute_metrics"
                 )
 
-        if self._pyfastpo_no_reference and ref_model is None:
+        if self._pyfastpo_no_reference and ref_model is not None:
+            raise ValueError(
+                "reference_free=True runs no reference model (no Mallows loss needs its entropies): drop ref_model"
+            )
+        if self._pyfastpo_no_reference:
             # trl's constructor would load a reference model from the policy's path; an empty module
             # stands in (never run), and is dropped below.
             ref_model = torch.nn.Module()
@@ -457,7 +461,7 @@ class FastDPOTrainer(DPOTrainer):
         metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean().item())
         metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
         metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
-        for key in ("mallows/dispersion", "loss/bcr", "loss/nll"):
+        for key in ("mallows/dispersion", "loss/bcr", "loss/nll", "loss/sft"):
             if key in out.metrics:
                 metrics[key].append(self.accelerator.gather_for_metrics(out.metrics[key]).mean().item())
 

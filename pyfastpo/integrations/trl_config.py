@@ -12,6 +12,7 @@ from trl import DPOConfig
 
 from ..backends import check_backend_available
 from ..losses import LOSS_TYPES, check_loss_options, needs_reference_entropy
+from ..pairs import check_ld_alpha
 
 __all__ = ["FastDPOConfig", "check_supported", "loss_options"]
 
@@ -132,7 +133,9 @@ class FastDPOConfig(DPOConfig):
         except ValueError as err:
             raise ValueError(f"pyfastpo_backend: {err}") from None
         super().__post_init__()
-        check_loss_options(**loss_options(self))
+        options = loss_options(self)
+        check_loss_options(**options)
+        check_ld_alpha(self.ld_alpha, options["loss_type"], options)
 
 
 def loss_options(args) -> dict:

@@ -262,6 +262,8 @@ def _check_mallows_release(types: list, o: dict) -> None:
     alpha = o["mixing_alpha"]
     if alpha is not None:
         _number("mixing_alpha", alpha, low=0.0, high=1.0, high_open=False, why=" (the reference ratio's weight)")
+    if alpha == 1.0 and o["home_advantage"]:
+        raise ValueError("home_advantage has no effect with mixing_alpha=1 (its weight is 1 - mixing_alpha)")
     if (alpha is not None or o["home_advantage"]) and o["f_divergence_type"] != "reverse_kl":
         raise ValueError(
             "home_advantage and mixing_alpha shift DPO's log-ratio logit: use f_divergence_type='reverse_kl'"

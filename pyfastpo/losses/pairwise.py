@@ -219,8 +219,11 @@ def mallows_phi(p: PairTerms) -> torch.Tensor:
 
 def cauchy(p: PairTerms) -> torch.Tensor:
     """The MallowsPO authors' Cauchy link: ``-log(atan(h) / pi + 1/2)``, the negative log of
-    the standard Cauchy CDF at the logit ``h`` (where DPO takes the logistic CDF)."""
-    return -torch.log(torch.atan(p.h) / math.pi + 0.5)
+    the standard Cauchy CDF at the logit ``h`` (where DPO takes the logistic CDF). Written
+    as ``-log(atan2(1, -h) / pi)``, the same value, which does not cancel to 0 for very
+    negative ``h``."""
+    h = p.h
+    return -torch.log(torch.atan2(torch.ones_like(h), -h) / math.pi)
 
 
 def simpo(p: PairTerms) -> torch.Tensor:

@@ -183,6 +183,11 @@ def preference_loss(
     check_same_device(chosen_logps=chosen_logps, **vectors)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    if reference_free and ref_chosen_logps is not None and not MALLOWS & set(types):
+        raise ValueError(
+            "reference_free=True takes the reference log-probs as 0 and no loss type here reads the "
+            "reference's entropies (only the Mallows losses do): pass no reference log-probs"
+        )
 
     dtype = torch.promote_types(chosen_logps.dtype, torch.float32)
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
@@ -199,6 +204,8 @@ def preference_loss(
         raise ValueError(f"{needs_counts} need chosen_num_tokens and rejected_num_tokens (completion token counts)")
     chosen_tokens = chosen_num_tokens.to(dtype) if chosen_num_tokens is not None else None
     rejected_tokens = rejected_num_tokens.to(dtype) if rejected_num_tokens is not None else None
+    # BCR and the NLL term read the summed log-probs (they divide by the counts themselves).
+    summed_chosen, summed_ref_chosen = chosen, ref_chosen
     if length_normalize:  # every log-prob per token, as the MallowsPO authors' trainer does
         nc, nr = chosen_tokens.clamp_min(1), rejected_tokens.clamp_min(1)
         chosen, rejected, ref_chosen, ref_rejected = chosen / nc, rejected / nr, ref_chosen / nc, ref_rejected / nr
@@ -237,12 +244,12 @@ def preference_loss(
     losses = sum(w * LOSSES[t](terms) for t, w in zip(types, weights))
     metrics = {}
     if bcr_weight:
-        drop = ref_chosen - chosen
+        drop = summed_ref_chosen - summed_chosen
         bcr = bcr_weight * torch.relu((drop / terms.nc if bcr_per_token else drop) - bcr_budget)
         losses = losses + bcr
         metrics["loss/bcr"] = bcr.detach().mean()
     if nll_weight:
-        nll = nll_weight * (-chosen / terms.nc)
+        nll = nll_weight * (-summed_chosen / terms.nc)
         losses = losses + nll
         metrics["loss/nll"] = nll.detach().mean()
     if sft_weight:
