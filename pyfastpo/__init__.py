@@ -16,7 +16,7 @@ from .backends import available_backends
 from .fused import fused_preference_loss
 from .linear import linear_preference_loss, linear_sequence_logps
 from .losses import LOSS_TYPES, PreferenceLossOutput, preference_loss
-from .pairs import FusedPreferenceLossOutput, ld_token_weights
+from .pairs import FusedPreferenceLossOutput, ld_token_weights, wpo_pair_weights
 from .sequence_logps import IGNORE_INDEX, SequenceLogps, sequence_logps
 from .validation import set_label_check
 from .version import __version__
@@ -36,4 +36,5 @@ __all__ = [
     "preference_loss",
     "sequence_logps",
     "set_label_check",
+    "wpo_pair_weights",
 ]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, ld_token_weights, pair_loss_from_stats
+from .pairs import (
+    FusedPreferenceLossOutput,
+    check_pair_loss_arguments,
+    ld_token_weights,
+    pair_loss_from_stats,
+    wpo_pair_weights,
+)
 from .sequence_logps import IGNORE_INDEX, sequence_logps
 from .validation import check_logits_labels, check_pairs, check_reference_input
 
@@ -22,6 +28,7 @@ def fused_preference_loss(
     backend: str = "auto",
     inplace_backward: bool = True,
     ld_alpha: float | None = None,
+    use_weighting: bool = False,
     **loss_kwargs,
 ) -> FusedPreferenceLossOutput:
     """Preference loss straight from logits: ``sequence_logps`` then ``preference_loss``.
@@ -42,6 +49,9 @@ def fused_preference_loss(
             shorter completion of its pair weigh ``ld_alpha`` in the policy's and the
             reference logits' log-probs (:func:`pyfastpo.ld_token_weights`; precomputed
             reference log-probs must be weighted the same way); None: off.
+        use_weighting: WPO (trl's ``use_weighting``): each pair's loss is weighted by
+            :func:`pyfastpo.wpo_pair_weights`, from ``log sum_v p_v^2`` computed in the
+            policy's pass (a backend with that statistic; ``"auto"`` picks one).
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies
@@ -51,7 +61,7 @@ def fused_preference_loss(
     # pass over multi-GB logits costs real time before an error would surface).
     check_logits_labels(logits, labels, ignore_index)
     check_pairs(logits.shape[0])
-    get_backend(backend, logits.device, logits.dtype)
+    get_backend(backend, logits.device, logits.dtype, log_sum_sq=use_weighting is True)
     if ref_logits is not None:
         check_reference_input("ref_logits", ref_logits, "logits", logits, ref_chosen_logps, ref_rejected_logps)
         check_logits_labels(ref_logits, labels, ignore_index, name="ref_logits")
@@ -66,6 +76,7 @@ def fused_preference_loss(
         loss_type,
         loss_kwargs,
         ld_alpha,
+        use_weighting,
     )
     weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index)
     policy = sequence_logps(
@@ -76,6 +87,7 @@ def fused_preference_loss(
         backend=backend,
         inplace_backward=inplace_backward,
         token_weights=weights,
+        return_log_sum_sq=use_weighting,
     )
     reference = None
     if ref_logits is not None:
@@ -88,6 +100,8 @@ def fused_preference_loss(
                 backend=backend,
                 token_weights=weights,
             )
+    if use_weighting:
+        loss_kwargs = dict(loss_kwargs, pair_weights=wpo_pair_weights(policy))
     return pair_loss_from_stats(
         policy, reference, ref_chosen_logps, ref_rejected_logps, logits.shape[-1], loss_type, loss_kwargs
     )

@@ -23,10 +23,17 @@ import math
 import torch
 
 from .backends import TokenStats, backend_module, get_backend
-from .pairs import FusedPreferenceLossOutput, check_pair_loss_arguments, ld_token_weights, pair_loss_from_stats
+from .pairs import (
+    FusedPreferenceLossOutput,
+    check_pair_loss_arguments,
+    ld_token_weights,
+    pair_loss_from_stats,
+    wpo_pair_weights,
+)
 from .sequence_logps import IGNORE_INDEX, SequenceLogps, first_order_only, reduce_tokens
 from .validation import (
     FLOAT_DTYPES,
+    check_flags,
     check_label_values,
     check_labels,
     check_not_capturing,
@@ -110,8 +117,9 @@ def _linear_op(
     backend: str,
     chunk: int,
     proj: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logps, num_tokens, entropy, mean_logits, saved)``, ``saved`` the ``[2, N, T]`` row
+    with_log_sum_sq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logps, num_tokens, entropy, mean_logits, log_sum_sq, saved)``, ``saved`` the ``[2, N, T]`` row
     max and log-sum the backward reads: a custom op, opaque to torch.compile (its
     ``nonzero`` and chunk loop are data-dependent). Label values are checked first."""
     n, t, _ = hidden.shape
@@ -121,32 +129,34 @@ def _linear_op(
     impl = backend_module(backend)
     n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
     cdtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
-    # Per-token stats of valid tokens, in gather order (TokenStats' fields).
-    stats = torch.zeros(len(TokenStats._fields), n_idx.numel(), dtype=cdtype, device=hidden.device)
+    # Per-token stats of valid tokens, in gather order (TokenStats' fields; log_sum_sq on request).
+    fields = len(TokenStats._fields) - (not with_log_sum_sq)
+    sq = dict(log_sum_sq=True) if with_log_sum_sq else {}
+    stats = torch.zeros(fields, n_idx.numel(), dtype=cdtype, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):  # projected in `proj`, explicitly
         w, b = _cast(weight, proj), _cast(bias, proj)
         for start in range(0, n_idx.numel(), chunk):
             rows = slice(start, start + chunk)
             logits = _project(hidden[n_idx[rows], t_idx[rows]].to(proj), w, b)
-            out = impl.forward(logits, labels[n_idx[rows], t_idx[rows]][:, None], ignore_index)
-            for i, s in enumerate(out):
+            out = impl.forward(logits, labels[n_idx[rows], t_idx[rows]][:, None], ignore_index, **sq)
+            for i, s in enumerate(out[:fields]):
                 stats[i, rows] = s.squeeze(1)
             del logits, out
         del w, b
-    per_seq = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=hidden.device)
+    per_seq = torch.zeros(fields, n, t, dtype=cdtype, device=hidden.device)
     per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
     num_tokens = (labels != ignore_index).sum(dim=1)
-    logps, entropy, mean_logits = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab, token_weights)
-    return logps, num_tokens, entropy, mean_logits, per_seq[1:3].clone()
+    logps, entropy, mean_logits, log_sum_sq = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab, token_weights)
+    return logps, num_tokens, entropy, mean_logits, log_sum_sq, per_seq[1:3].clone()
 
 
 @_linear_op.register_fake
-def _(hidden, weight, bias, labels, token_weights, ignore_index, backend, chunk, proj):
+def _(hidden, weight, bias, labels, token_weights, ignore_index, backend, chunk, proj, with_log_sum_sq):
     n, t, _ = hidden.shape
     cdtype = torch.promote_types(hidden.dtype, torch.float32)
-    per_seq = [hidden.new_empty(n, dtype=cdtype) for _ in range(3)]
+    per_seq = [hidden.new_empty(n, dtype=cdtype) for _ in range(4)]
     num_tokens = labels.new_empty(n, dtype=torch.int64)
-    return per_seq[0], num_tokens, per_seq[1], per_seq[2], hidden.new_empty(2, n, t, dtype=cdtype)
+    return per_seq[0], num_tokens, per_seq[1], per_seq[2], per_seq[3], hidden.new_empty(2, n, t, dtype=cdtype)
 
 
 @torch.library.custom_op("pyfastpo::linear_sequence_logps_backward", mutates_args=(), **_synchronizing_op_tags())
@@ -267,8 +277,8 @@ def _linear_backward(
 
 
 def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, token_weights, ignore_index, backend, chunk, proj = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, token_weights, output[4])
+    hidden, weight, bias, labels, token_weights, ignore_index, backend, chunk, proj, _ = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, token_weights, output[5])
     ctx.ignore_index, ctx.backend, ctx.chunk, ctx.proj = ignore_index, backend, chunk, proj
     ctx.mark_non_differentiable(*output[1:])
 
@@ -293,7 +303,7 @@ def _linear_autograd(ctx, grad_logps, *_):
             *need,
         )
     grads = tuple(g if n else None for g, n in zip(grads, need))
-    rest = (None,) * 6  # labels, token_weights, ignore_index, backend, chunk, proj
+    rest = (None,) * 7  # labels, token_weights, ignore_index, backend, chunk, proj, with_log_sum_sq
     return first_order_only((*grads, *rest), (hidden, weight, bias), "linear_sequence_logps")
 
 
@@ -340,6 +350,7 @@ def linear_sequence_logps(
     chunk_tokens: int | None = None,
     memory_budget_bytes: int | None = None,
     token_weights: torch.Tensor | None = None,
+    return_log_sum_sq: bool = False,
 ) -> SequenceLogps:
     """:func:`pyfastpo.sequence_logps` of ``hidden @ weight.T (+ bias)`` without the full logits.
 
@@ -353,8 +364,7 @@ def linear_sequence_logps(
             ``memory_budget_bytes`` (chunk logits and temporaries; default 1 GiB on
             CUDA, 256 MiB elsewhere: :data:`DEFAULT_MEMORY_BUDGET`).
         backend: as :func:`pyfastpo.sequence_logps`, for the per-chunk kernels.
-        token_weights: optional ``[N, T]`` weights of each token's log-prob, as in
-            :func:`pyfastpo.sequence_logps`.
+        token_weights, return_log_sum_sq: as in :func:`pyfastpo.sequence_logps`.
 
     Returns:
         :class:`SequenceLogps`, each ``[N]``; ``logps`` differentiable w.r.t.
@@ -362,13 +372,16 @@ def linear_sequence_logps(
     """
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     check_token_weights(token_weights, labels)
+    check_flags(return_entropy=return_entropy, return_log_sum_sq=return_log_sum_sq)
     proj = projection_dtype(hidden.device.type, hidden.dtype)
-    impl = get_backend(backend, hidden.device, proj)
+    impl = get_backend(backend, hidden.device, proj, log_sum_sq=return_log_sum_sq)
     chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
-    logps, num_tokens, entropy, mean_logits, _ = _linear_op(
-        hidden, weight, bias, labels, token_weights, int(ignore_index), impl.name, chunk, proj
+    logps, num_tokens, entropy, mean_logits, sq, _ = _linear_op(
+        hidden, weight, bias, labels, token_weights, int(ignore_index), impl.name, chunk, proj, return_log_sum_sq
     )
-    return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)
+    return SequenceLogps(
+        logps, num_tokens, entropy if return_entropy else None, mean_logits, sq if return_log_sum_sq else None
+    )
 
 
 def linear_preference_loss(
@@ -388,6 +401,7 @@ def linear_preference_loss(
     chunk_tokens: int | None = None,
     memory_budget_bytes: int | None = None,
     ld_alpha: float | None = None,
+    use_weighting: bool = False,
     **loss_kwargs,
 ) -> FusedPreferenceLossOutput:
     """Preference loss from last hidden states and the lm_head, logits never materialized.
@@ -406,6 +420,7 @@ def linear_preference_loss(
         ld_alpha: LD-DPO (as trl's ``ld_alpha``): each completion's tokens past the
             shorter completion of its pair weigh ``ld_alpha`` in the policy's and the
             streamed reference's log-probs (:func:`pyfastpo.ld_token_weights`); None: off.
+        use_weighting: WPO, as in :func:`pyfastpo.fused_preference_loss`.
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies included).
@@ -414,7 +429,7 @@ def linear_preference_loss(
     _check_linear(hidden, weight, bias, labels, ignore_index)
     check_pairs(hidden.shape[0], "hidden")
     proj = projection_dtype(hidden.device.type, hidden.dtype)
-    get_backend(backend, hidden.device, proj)
+    get_backend(backend, hidden.device, proj, log_sum_sq=use_weighting is True)
     _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
     if ref_hidden is not None:
         check_reference_input("ref_hidden", ref_hidden, "hidden", hidden, ref_chosen_logps, ref_rejected_logps)
@@ -438,6 +453,7 @@ def linear_preference_loss(
         loss_type,
         loss_kwargs,
         ld_alpha,
+        use_weighting,
     )
     weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index)
     common = dict(
@@ -447,7 +463,9 @@ def linear_preference_loss(
         memory_budget_bytes=memory_budget_bytes,
         token_weights=weights,
     )
-    policy = linear_sequence_logps(hidden, weight, labels, bias=bias, return_entropy=True, **common)
+    policy = linear_sequence_logps(
+        hidden, weight, labels, bias=bias, return_entropy=True, return_log_sum_sq=use_weighting, **common
+    )
     reference = None
     if ref_hidden is not None:
         with torch.no_grad():
@@ -459,6 +477,8 @@ def linear_preference_loss(
                 return_entropy=True,
                 **common,
             )
+    if use_weighting:
+        loss_kwargs = dict(loss_kwargs, pair_weights=wpo_pair_weights(policy))
     return pair_loss_from_stats(
         policy, reference, ref_chosen_logps, ref_rejected_logps, weight.shape[0], loss_type, loss_kwargs
     )

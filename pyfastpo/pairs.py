@@ -43,6 +43,27 @@ class FusedPreferenceLossOutput(NamedTuple):
     reference: SequenceLogps | None
 
 
+def check_use_weighting(use_weighting, ld_alpha, loss_type, options: dict) -> None:
+    """WPO (``use_weighting``): a flag; not with the batch-sorting AOT losses (trl refuses
+    them too), with LD-DPO (its weights read the unweighted log-probs) or with explicit
+    ``pair_weights``."""
+    if not isinstance(use_weighting, bool):
+        raise ValueError(f"use_weighting must be True or False, got {use_weighting!r}")
+    if not use_weighting:
+        return
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if {"aot", "aot_unpaired"} & set(types):
+        raise ValueError(
+            "use_weighting=True (WPO) needs a per-pair loss; 'aot' and 'aot_unpaired' sort across the batch"
+        )
+    if ld_alpha is not None:
+        raise ValueError(
+            "use_weighting=True with ld_alpha is not supported: WPO's weights read the unweighted log-probs"
+        )
+    if options.get("pair_weights") is not None:
+        raise ValueError("use_weighting=True computes pair_weights itself; pass one or the other")
+
+
 def check_ld_alpha(ld_alpha, loss_type, options: dict) -> None:
     """``ld_alpha`` (None: off) in [0, 1], and not with the terms that need the unweighted
     log-probs: trl's ``sft`` loss type (a plain cross-entropy in trl, also under LD-DPO),
@@ -60,6 +81,19 @@ def check_ld_alpha(ld_alpha, loss_type, options: dict) -> None:
             f"ld_alpha weights the log-probs, but {unweighted} need the unweighted ones (an NLL of the "
             "completion as it is); this combination is not supported"
         )
+
+
+def wpo_pair_weights(policy: SequenceLogps) -> torch.Tensor:
+    """WPO's per-pair weights ``[N/2]`` (Zhou et al. 2024, Eq. 2, as trl 1.13's
+    ``use_weighting``), constants: each sequence's weight is ``exp`` of the mean over its
+    completion tokens of ``log p(y_t) - log sum_v p_v^2``, and a pair's is the product of
+    its chosen and rejected weights. ``policy`` must carry ``log_sum_sq`` (and unweighted
+    ``logps``)."""
+    if policy.log_sum_sq is None:
+        raise ValueError("WPO's weights need the policy's log_sum_sq (return_log_sum_sq=True)")
+    mean = (policy.logps - policy.log_sum_sq) / policy.num_tokens.clamp_min(1).to(policy.logps.dtype)
+    chosen, rejected = torch.exp(mean.detach()).chunk(2)
+    return chosen * rejected
 
 
 def ld_token_weights(labels: torch.Tensor, ld_alpha: float, ignore_index: int = -100) -> torch.Tensor:
@@ -108,6 +142,7 @@ def check_pair_loss_arguments(
     loss_type,
     loss_kwargs: dict,
     ld_alpha: float | None = None,
+    use_weighting: bool = False,
 ) -> None:
     """The loss-side arguments of both entry points, checked before any pass over the data:
     precomputed reference log-probs, the loss options (``num_rows = N`` sequences) and
@@ -120,6 +155,7 @@ def check_pair_loss_arguments(
             "reference's entropies (only the Mallows losses do): pass no reference inputs"
         )
     check_ld_alpha(ld_alpha, loss_type, loss_kwargs)
+    check_use_weighting(use_weighting, ld_alpha, loss_type, loss_kwargs)
     check_loss_kwargs(
         loss_type,
         loss_kwargs,

@@ -29,21 +29,26 @@ class SequenceLogps(NamedTuple):
     entropy: summed per-token entropy in nats (None unless ``return_entropy``).
     mean_logits: mean logit over valid tokens and the vocabulary (0 for a row
         with no valid token); TRL's ``logits/chosen`` metric is its token-weighted mean.
+    log_sum_sq: summed per-token ``log sum_v p_v^2`` over valid tokens, from the same
+        pass (WPO's weight); None unless ``return_log_sum_sq``. Not differentiable.
     """
 
     logps: torch.Tensor
     num_tokens: torch.Tensor
     entropy: torch.Tensor | None
     mean_logits: torch.Tensor
+    log_sum_sq: torch.Tensor | None = None
 
 
 def reduce_tokens(stats: TokenStats, num_tokens: torch.Tensor, vocab: int, token_weights=None):
-    """Per-sequence ``(logps, entropy, mean_logits)``, each ``[N]``, from per-token stats
-    ``[N, T]`` (zero at ignored tokens): sums over T in a fixed order (deterministic).
-    ``token_weights`` ``[N, T]`` (optional) weight each token's log-prob in ``logps``."""
+    """Per-sequence ``(logps, entropy, mean_logits, log_sum_sq)``, each ``[N]``, from per-token
+    stats ``[N, T]`` (zero at ignored tokens): sums over T in a fixed order (deterministic).
+    ``token_weights`` ``[N, T]`` (optional) weight each token's log-prob in ``logps``;
+    ``log_sum_sq`` is zeros when the stats lack it."""
     denom = (num_tokens * vocab).clamp_min(1).to(stats.sum_logits.dtype)
     logp = stats.logp if token_weights is None else stats.logp * token_weights.to(stats.logp.dtype)
-    return logp.sum(dim=1), stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom
+    sq = stats.log_sum_sq.sum(dim=1) if stats.log_sum_sq is not None else torch.zeros_like(denom)
+    return logp.sum(dim=1), stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom, sq
 
 
 def run_backward(impl, logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
@@ -124,24 +129,30 @@ def _sequence_logps_op(
     ignore_index: int,
     backend: str,
     inplace_backward: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with_log_sum_sq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logps, num_tokens, entropy, mean_logits, saved)``: the per-sequence results and the
     ``[2, N, T]`` row max and log-sum the backward reads. Raises ValueError for a label
     outside ``[0, V)`` before any kernel runs (:func:`check_label_values`)."""
     check_label_values(labels, logits.shape[-1], ignore_index)
-    stats = backend_module(backend).forward(logits, labels, ignore_index)
+    impl = backend_module(backend)
+    stats = (
+        impl.forward(logits, labels, ignore_index, log_sum_sq=True)
+        if with_log_sum_sq
+        else impl.forward(logits, labels, ignore_index)
+    )
     num_tokens = (labels != ignore_index).sum(dim=1)
-    logps, entropy, mean_logits = reduce_tokens(stats, num_tokens, logits.shape[-1], token_weights)
-    return logps, num_tokens, entropy, mean_logits, torch.stack((stats.row_max, stats.log_sum))
+    logps, entropy, mean_logits, sq = reduce_tokens(stats, num_tokens, logits.shape[-1], token_weights)
+    return logps, num_tokens, entropy, mean_logits, sq, torch.stack((stats.row_max, stats.log_sum))
 
 
 @_sequence_logps_op.register_fake
-def _(logits, labels, token_weights, ignore_index, backend, inplace_backward):
+def _(logits, labels, token_weights, ignore_index, backend, inplace_backward, with_log_sum_sq):
     n, t, _ = logits.shape
     dtype = stat_dtype(logits.dtype)
-    per_seq = [logits.new_empty(n, dtype=dtype) for _ in range(3)]
+    per_seq = [logits.new_empty(n, dtype=dtype) for _ in range(4)]
     num_tokens = labels.new_empty(n, dtype=torch.int64)
-    return per_seq[0], num_tokens, per_seq[1], per_seq[2], logits.new_empty(2, n, t, dtype=dtype)
+    return per_seq[0], num_tokens, per_seq[1], per_seq[2], per_seq[3], logits.new_empty(2, n, t, dtype=dtype)
 
 
 @torch.library.custom_op("pyfastpo::sequence_logps_backward", mutates_args=())
@@ -183,8 +194,8 @@ def _(logits, labels, saved, grad_scale, ignore_index, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, token_weights, ignore_index, backend, inplace_backward = inputs
-    ctx.save_for_backward(logits, labels, output[4], token_weights)
+    logits, labels, token_weights, ignore_index, backend, inplace_backward, with_log_sum_sq = inputs
+    ctx.save_for_backward(logits, labels, output[5], token_weights)
     ctx.ignore_index, ctx.backend, ctx.inplace = ignore_index, backend, inplace_backward
     ctx.mark_non_differentiable(*output[1:])
 
@@ -203,7 +214,7 @@ def _backward(ctx, grad_logps, *_):
             out = logits
         else:
             out = _backward_op(logits, *args)
-    return first_order_only((out, None, None, None, None, None), (logits,), "sequence_logps")
+    return first_order_only((out, None, None, None, None, None, None), (logits,), "sequence_logps")
 
 
 _sequence_logps_op.register_autograd(_backward, setup_context=_setup_context)
@@ -242,6 +253,7 @@ def sequence_logps(
     backend: str = "auto",
     inplace_backward: bool = True,
     token_weights: torch.Tensor | None = None,
+    return_log_sum_sq: bool = False,
 ) -> SequenceLogps:
     """Sum of per-token log-probabilities of ``labels`` under ``logits``, per sequence.
 
@@ -265,16 +277,21 @@ def sequence_logps(
             in ``logps`` (LD-DPO's length desensitization, for example: see
             :func:`pyfastpo.ld_token_weights`); the gradient follows. Entropy and
             mean logits stay unweighted.
+        return_log_sum_sq: also return the summed per-token ``log sum_v p_v^2``
+            (WPO's weight), computed in the same pass (backends with ``LOG_SUM_SQ``;
+            ``"auto"`` picks one).
 
     Returns:
         :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``.
     """
     labels = check_logits_labels(logits, labels, ignore_index)
-    check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward)
+    check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward, return_log_sum_sq=return_log_sum_sq)
     check_token_weights(token_weights, labels)
-    impl = get_backend(backend, logits.device, logits.dtype)
+    impl = get_backend(backend, logits.device, logits.dtype, log_sum_sq=return_log_sum_sq)
     inplace = inplace_backward and can_overwrite(logits)
-    logps, num_tokens, entropy, mean_logits, _ = _sequence_logps_op(
-        logits, labels, token_weights, int(ignore_index), impl.name, inplace
+    logps, num_tokens, entropy, mean_logits, sq, _ = _sequence_logps_op(
+        logits, labels, token_weights, int(ignore_index), impl.name, inplace, return_log_sum_sq
     )
-    return SequenceLogps(logps, num_tokens, entropy if return_entropy else None, mean_logits)
+    return SequenceLogps(
+        logps, num_tokens, entropy if return_entropy else None, mean_logits, sq if return_log_sum_sq else None
+    )

@@ -238,12 +238,12 @@ def test_plain_dpo_config_is_accepted(tokenizer, sft_model, data, tmp_path):
 
 UNSUPPORTED = {
     "use_liger_kernel": dict(use_liger_kernel=True),
-    "use_weighting": dict(use_weighting=True),
     "f_divergence_type": dict(f_divergence_type="forward_kl", loss_type="nca_pair"),  # trl refuses it too
     "reference_free": dict(reference_free=True, precompute_ref_log_probs=True),
     "reference_free:with ref_model": dict(reference_free=True),  # the test passes a ref_model
     "ld_alpha:range": dict(ld_alpha=1.5),
     "ld_alpha:with sft": dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
+    "use_weighting:with aot": dict(use_weighting=True, loss_type="aot"),
     "padding_free": dict(padding_free=True),
     "pyfastpo_backend": dict(pyfastpo_backend="cuda" if not torch.cuda.is_available() else "nope"),
 }
@@ -389,6 +389,11 @@ TRL_OPTIONS = {
     "ld_dpo": dict(ld_alpha=0.5),
     "ld_dpo_precomputed": dict(ld_alpha=0.2, precompute_ref_log_probs=True),
     "ld_dpo_ipo": dict(ld_alpha=0.5, loss_type="ipo"),
+    "wpo": dict(use_weighting=True),
+    # (trl 1.13's own use_weighting fails with "hinge": its in-place `*=` on relu's output.)
+    "wpo_ipo_robust": dict(
+        use_weighting=True, loss_type=["ipo", "robust"], loss_weights=[0.5, 1.0], label_smoothing=0.1
+    ),
 }
 
 
@@ -407,7 +412,7 @@ def uneven_data(data):
 
 @pytest.mark.parametrize("name", sorted(TRL_OPTIONS))
 def test_trl_option_matches_dpo_trainer(name, tokenizer, sft_model, uneven_data, tmp_path):
-    """f-DPO and LD-DPO as trl 1.13 computes them, step for step."""
+    """f-DPO, LD-DPO and WPO as trl 1.13 computes them, step for step."""
     data = uneven_data
     runs = []
     for cls, cfg in ((DPOTrainer, DPOConfig), (FastDPOTrainer, FastDPOConfig)):
@@ -454,6 +459,7 @@ NOT_CONFIG = {
     "vocab_size": "read from the logits",
     "dispersion": "a per-pair tensor; the trainer derives it from the reference entropies",
     "gamma": "a shorthand for focal_gamma / simpo_gamma, which are config fields",
+    "pair_weights": "a per-pair tensor; use_weighting=True computes WPO's",
 }
 
 

@@ -4,7 +4,7 @@ A backend is a module-like object with a ``name`` and two functions. Validation,
 the per-sequence reductions and the autograd Function live once, above the
 backends, in :mod:`pyfastpo.sequence_logps`; a backend only does per-token math.
 
-``forward(logits, labels, ignore_index) -> TokenStats``
+``forward(logits, labels, ignore_index, log_sum_sq=False) -> TokenStats``
     logits: ``[N, T, V]`` float32 / bfloat16 / float16 (float64 for
     ``reference`` only), ``stride(-1) == 1``, any other strides (a view such as
     ``logits[:, :-1]`` is never copied).
@@ -20,6 +20,9 @@ backends, in :mod:`pyfastpo.sequence_logps`; a backend only does per-token math.
     unspecified; an ignored token's row of logits is never read. A row with a
     NaN or +inf logit, or only -inf logits, is undefined: ``log_sum``,
     ``entropy`` and ``logp`` are NaN (and its gradient is NaN).
+    With ``log_sum_sq=True`` (backends whose ``LOG_SUM_SQ`` is True) a sixth
+    statistic from the same pass: ``log sum_v p_v^2 = log q - 2 log s`` with
+    ``q = sum_v exp(2 (x_v - m))`` (WPO's weight), 0 at ignored tokens; else None.
 
 ``backward(logits, labels, row_max, log_sum, grad_scale, ignore_index, out) -> None``
     Writes ``out[n, t, v] = grad_scale[n] * ([v == y] - exp((x_v - m) - log s))``
@@ -49,6 +52,7 @@ class TokenStats(NamedTuple):
     log_sum: torch.Tensor
     entropy: torch.Tensor
     sum_logits: torch.Tensor
+    log_sum_sq: torch.Tensor | None = None
 
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -14,6 +14,8 @@ from .native import load_extension, run_backward, run_forward
 
 _C, _IMPORT_ERROR = load_extension("_C")
 
+LOG_SUM_SQ = False
+"""Does not compute ``log sum_v p_v^2`` yet (WPO): the reference backend does."""
 name = "cpp"
 
 
@@ -32,8 +34,10 @@ def isa() -> str:
     return _C.isa()
 
 
-def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
+def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, log_sum_sq: bool = False) -> TokenStats:
     """The contract's forward (:mod:`pyfastpo.backends.base`) on CPU tensors."""
+    if log_sum_sq:
+        raise ValueError(f"the {name} backend does not compute log_sum_sq (WPO) yet; use backend='reference'")
     return run_forward(lambda *args: _C.forward(*args, torch.get_num_threads()), logits, labels, ignore_index)
 
 

@@ -15,9 +15,9 @@ from .base import KERNEL_DTYPES, TokenStats
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 """Codes of the logits dtypes (``DtypeCode`` in csrc/native_abi.h)."""
 
-NUM_STATS = len(TokenStats._fields)
-"""Rows of the float32 ``[NUM_STATS, N, T]`` buffer the forward writes (TokenStats' order;
-``kNumStats`` in csrc/native_abi.h)."""
+NUM_STATS = len(TokenStats._fields) - 1
+"""Rows of the float32 ``[NUM_STATS, N, T]`` buffer the forward writes (TokenStats' order,
+without the optional ``log_sum_sq``; ``kNumStats`` in csrc/native_abi.h)."""
 
 
 def load_extension(name: str, why_missing: str = "") -> tuple:

@@ -14,6 +14,8 @@ from ..validation import check_not_capturing
 from .base import TokenStats
 
 name = "reference"
+LOG_SUM_SQ = True
+"""Computes ``log sum_v p_v^2`` on request (:mod:`pyfastpo.backends.base`)."""
 
 CHUNK_BYTES = 8 << 20
 """Target size of one float32 working chunk of rows (bytes)."""
@@ -37,12 +39,12 @@ def _valid_chunks(labels: torch.Tensor, ignore_index: int, vocab: int):
         yield n_idx[start : start + rows], t_idx[start : start + rows]
 
 
-def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
+def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, log_sum_sq: bool = False) -> TokenStats:
     """The contract's forward (:mod:`pyfastpo.backends.base`) in torch, chunk by chunk of valid rows."""
     check_not_capturing(logits, "the reference backend")
     n, t, v = logits.shape
     cdtype = compute_dtype(logits.dtype)
-    stats = torch.zeros(len(TokenStats._fields), n, t, dtype=cdtype, device=logits.device)
+    stats = torch.zeros(len(TokenStats._fields) - (not log_sum_sq), n, t, dtype=cdtype, device=logits.device)
     for n_idx, t_idx in _valid_chunks(labels, ignore_index, v):
         x = logits[n_idx, t_idx].to(cdtype)  # [rows, V]
         y = labels[n_idx, t_idx]
@@ -61,6 +63,8 @@ def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> To
         stats[2, n_idx, t_idx] = log_s
         stats[3, n_idx, t_idx] = -plogp.sum(-1)
         stats[4, n_idx, t_idx] = x.sum(-1)
+        if log_sum_sq:  # log sum p^2 = log sum exp(2 (x - m)) - 2 log s, NaN for an undefined row
+            stats[5, n_idx, t_idx] = torch.logsumexp(2 * shifted, dim=-1) - 2 * log_s
     return TokenStats(*stats.unbind(0))
 
 

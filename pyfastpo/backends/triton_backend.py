@@ -17,6 +17,8 @@ from pyfastpo.kernels.logps_forward import logps_forward
 
 from .base import TokenStats
 
+LOG_SUM_SQ = False
+"""Does not compute ``log sum_v p_v^2`` yet (WPO): the reference backend does."""
 name = "triton"
 
 
@@ -31,8 +33,10 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"triton does not run on {device.type} tensors"
 
 
-def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
+def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, log_sum_sq: bool = False) -> TokenStats:
     """The contract's forward (:mod:`pyfastpo.backends.base`) by the Triton kernels."""
+    if log_sum_sq:
+        raise ValueError(f"the {name} backend does not compute log_sum_sq (WPO) yet; use backend='reference'")
     n, t, _ = logits.shape
     stats = logps_forward(logits, labels, ignore_index)
     return TokenStats(*(s.view(n, t) for s in stats))

@@ -12,7 +12,7 @@ from trl import DPOConfig
 
 from ..backends import check_backend_available
 from ..losses import LOSS_TYPES, check_loss_options, needs_reference_entropy
-from ..pairs import check_ld_alpha
+from ..pairs import check_ld_alpha, check_use_weighting
 
 __all__ = ["FastDPOConfig", "check_supported", "loss_options"]
 
@@ -136,6 +136,7 @@ class FastDPOConfig(DPOConfig):
         options = loss_options(self)
         check_loss_options(**options)
         check_ld_alpha(self.ld_alpha, options["loss_type"], options)
+        check_use_weighting(self.use_weighting, self.ld_alpha, options["loss_type"], options)
 
 
 def loss_options(args) -> dict:
@@ -175,8 +176,6 @@ def check_supported(args) -> None:
             "use_liger_kernel=True: FastDPOTrainer replaces the Liger DPO loss; its fused counterpart is "
             "use_fused_linear=True (set use_liger_kernel=False)"
         )
-    if args.use_weighting:
-        problems.append("use_weighting=True (WPO weighting) is not implemented; set use_weighting=False")
     if getattr(args, "reference_free", False) and not needs_reference_entropy(args.loss_type):
         conflicts = [name for name in ("precompute_ref_log_probs", "sync_ref_model") if getattr(args, name)]
         if conflicts:

@@ -61,6 +61,7 @@ def preference_loss(
     vocab_size: int | None = None,
     dispersion_scale: float = 0.29,
     dispersion: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
     bcr_weight: float = 0.0,
     bcr_budget: float = 0.0,
     bcr_per_token: bool = False,
@@ -100,6 +101,9 @@ def preference_loss(
             the reference's summed token entropies ``[B]``, V and ``c``, from
             which the Mallows losses estimate the dispersion ``phi``.
         dispersion: ``[B]`` dispersion ``phi`` in (0, 1] given directly instead.
+        pair_weights: ``[B]`` weights of each pair's loss-type losses (not of the BCR,
+            NLL or SFT terms), taken as constants: WPO's weights
+            (:func:`pyfastpo.wpo_pair_weights`), as trl's ``use_weighting`` applies them.
         bcr_weight, bcr_budget, bcr_per_token: budget-controlled regularization
             ``bcr_weight * relu(ref_chosen - chosen - bcr_budget)`` (the drop
             divided by the chosen token count when ``bcr_per_token``).
@@ -175,6 +179,7 @@ def preference_loss(
         ref_chosen_entropy=ref_chosen_entropy,
         ref_rejected_entropy=ref_rejected_entropy,
         dispersion=dispersion,
+        pair_weights=pair_weights,
     )
     if rejected_logps is None:
         raise ValueError("rejected_logps is required: a tensor of shape [B], one value per pair")
@@ -242,6 +247,10 @@ def preference_loss(
         None if mixing_alpha is None else float(mixing_alpha),
     )
     losses = sum(w * LOSSES[t](terms) for t, w in zip(types, weights))
+    if pair_weights is not None:
+        if {"aot", "aot_unpaired"} & set(types):
+            raise ValueError("pair_weights (WPO) need a per-pair loss; 'aot' and 'aot_unpaired' sort across the batch")
+        losses = losses * pair_weights.detach().to(dtype)
     metrics = {}
     if bcr_weight:
         drop = summed_ref_chosen - summed_chosen
@@ -312,6 +321,7 @@ _VECTOR_ARGS = (
     "ref_chosen_entropy",
     "ref_rejected_entropy",
     "dispersion",
+    "pair_weights",
 )
 # Scalar options check_loss_options takes under the same names.
 
