@@ -9,6 +9,7 @@ per tile row:
     s = sum exp(x - m),
     u = sum exp(x - m) * (x - m),
     z = sum x,
+    q = sum exp(2 (x - m))   (only with WITH_SQ: WPO's ``log sum_v p_v^2 = log q - 2 log s``),
 
 merged across the tile rows once, after the loop (so no step needs a cross-warp
 reduction or a barrier).
@@ -39,11 +40,11 @@ D_MIN = tl.constexpr(-100.0)
 
 
 @triton.jit
-def _online_step(x, zx, m, s, u, z):
+def _online_step(x, zx, m, s, u, z, q, WITH_SQ: tl.constexpr):
     """One tile of logits ``x`` ``[ROWS, VEC]`` into the online state of its ``ROWS``
-    tile rows (``m``, ``s``, ``u``, ``z``, each ``[ROWS]``); ``zx`` is ``x`` with the
-    masked lanes of a tail tile as 0. A tile row is one thread's 16-byte vector, so
-    every reduction over ``axis=1`` stays inside a thread."""
+    tile rows (``m``, ``s``, ``u``, ``z``, ``q``, each ``[ROWS]``; ``q`` only WITH_SQ);
+    ``zx`` is ``x`` with the masked lanes of a tail tile as 0. A tile row is one
+    thread's 16-byte vector, so every reduction over ``axis=1`` stays inside a thread."""
     m_new = tl.maximum(m, tl.max(x, axis=1))
     # While every logit a tile row has seen is -inf, its m_new is -inf: shift by 0
     # instead so that exp(-inf - m_safe) is 0 rather than exp(nan).
@@ -60,7 +61,9 @@ def _online_step(x, zx, m, s, u, z):
     u = alpha * (u + shift * s) + tl.sum(e * d, axis=1)
     s = alpha * s + tl.sum(e, axis=1)
     z += tl.sum(zx, axis=1)
-    return m_new, s, u, z
+    if WITH_SQ:  # exp(2 (x - m)) = e^2, rescaled by alpha^2
+        q = alpha * alpha * q + tl.sum(e * e, axis=1)
+    return m_new, s, u, z, q
 
 
 @triton.jit
@@ -72,6 +75,7 @@ def _logps_forward_kernel(
     log_sum_ptr,
     entropy_ptr,
     sum_logits_ptr,
+    sq_ptr,  # [N * T] float32 log sum p^2 (written only WITH_SQ)
     T,
     V,
     stride_n,
@@ -79,6 +83,7 @@ def _logps_forward_kernel(
     ignore_index,
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,  # elements of one 16-byte load (at most BLOCK_V)
+    WITH_SQ: tl.constexpr = False,  # also log sum_v p_v^2 (WPO), one more accumulator
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
@@ -89,6 +94,8 @@ def _logps_forward_kernel(
         tl.store(log_sum_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
         tl.store(sum_logits_ptr + row, 0.0)
+        if WITH_SQ:
+            tl.store(sq_ptr + row, 0.0)
         return
 
     # row is int64, so n * stride_n and t * stride_t are 64-bit products (no .to()
@@ -106,6 +113,7 @@ def _logps_forward_kernel(
     s = tl.zeros([ROWS], dtype=tl.float32)
     u = tl.zeros([ROWS], dtype=tl.float32)
     z = tl.zeros([ROWS], dtype=tl.float32)
+    q = tl.zeros([ROWS], dtype=tl.float32)
     # The masked tail block first, then full blocks without a mask (no per-element
     # bound test). (Tail first: with the tail after the loop, Triton 3.8's
     # OptimizeThreadLocality pass asserts, its loop results having two uses.)
@@ -115,10 +123,10 @@ def _logps_forward_kernel(
         mask = offs < V
         # Masked lanes read -inf: they never win the max and exp() gives them 0.
         x = tl.load(x_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-        m, s, u, z = _online_step(x, tl.where(mask, x, 0.0), m, s, u, z)
+        m, s, u, z, q = _online_step(x, tl.where(mask, x, 0.0), m, s, u, z, q, WITH_SQ)
     for start in range(0, full, BLOCK_V):
         x = tl.load(x_row + start + tile).to(tl.float32)
-        m, s, u, z = _online_step(x, x, m, s, u, z)
+        m, s, u, z, q = _online_step(x, x, m, s, u, z, q, WITH_SQ)
 
     # The tile rows' states merged at the row max (rows that saw only -inf: alpha 0).
     m_row = tl.max(m, axis=0)
@@ -148,6 +156,9 @@ def _logps_forward_kernel(
     tl.store(log_sum_ptr + row, log_s)
     tl.store(entropy_ptr + row, log_s - u_row / s_row)
     tl.store(sum_logits_ptr + row, z_row)
+    if WITH_SQ:
+        q_row = tl.sum(alpha * alpha * q, axis=0)
+        tl.store(sq_ptr + row, tl.log(q_row) - 2.0 * log_s)
 
 
 def logps_forward(
@@ -156,7 +167,8 @@ def logps_forward(
     ignore_index: int,
     block_v: int | None = None,
     num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_sum_sq: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Per-token statistics of ``logits`` at ``labels``.
 
     Args:
@@ -166,17 +178,19 @@ def logps_forward(
         block_v: override of the block size (a power of two; tests use it to hit
             block boundaries at small V). Default: :func:`launch_config`.
         num_warps: override of the warps per program (the GPU check's sweep).
+        log_sum_sq: also ``log sum_v p_v^2`` per token (WPO), from the same pass.
 
     Returns:
-        ``(logp, row_max, log_sum, entropy, sum_logits)``, each ``[N * T]`` float32
-        contiguous; at ignored tokens all five are 0.
+        ``(logp, row_max, log_sum, entropy, sum_logits)`` (and ``log_sum_sq``), each
+        ``[N * T]`` float32 contiguous; at ignored tokens all are 0.
     """
     n, t, v = logits.shape
     rows = n * t
-    out = torch.zeros(5, rows, dtype=torch.float32, device=logits.device)
+    out = torch.zeros(5 + log_sum_sq, rows, dtype=torch.float32, device=logits.device)
     if rows == 0 or v == 0:
         return tuple(out.unbind(0))
-    logp, row_max, log_sum, entropy, sum_logits = out.unbind(0)
+    logp, row_max, log_sum, entropy, sum_logits = out[:5].unbind(0)
+    sq = out[5] if log_sum_sq else sum_logits  # never written without WITH_SQ
     block, warps = launch_config(v, logits.dtype, block_v, num_warps)
     with torch.cuda.device(logits.device) if logits.is_cuda else nullcontext():
         _logps_forward_kernel[(rows,)](
@@ -187,6 +201,7 @@ def logps_forward(
             log_sum,
             entropy,
             sum_logits,
+            sq,
             t,
             v,
             logits.stride(0),
@@ -194,6 +209,7 @@ def logps_forward(
             ignore_index,
             BLOCK_V=block,
             VEC=min(block, 16 // logits.element_size()),
+            WITH_SQ=log_sum_sq,
             num_warps=warps,
         )
-    return logp, row_max, log_sum, entropy, sum_logits
+    return tuple(out.unbind(0))

@@ -228,7 +228,7 @@ def test_empty_inputs():
     logits = torch.randn(0, 3, 10, device=DEVICE)
     labels = torch.zeros(0, 3, dtype=torch.long, device=DEVICE)
     stats = triton_backend.forward(logits, labels, IGNORE)
-    assert all(s.shape == (0, 3) for s in stats)
+    assert stats.log_sum_sq is None and all(s.shape == (0, 3) for s in stats[:5])
     triton_backend.backward(logits, labels, stats.row_max, stats.log_sum, torch.ones(0, device=DEVICE), IGNORE, logits)
 
 
@@ -259,3 +259,20 @@ def test_public_api_matches_reference(dtype, inplace):
     torch.testing.assert_close(got.mean_logits, want.mean_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(got.num_tokens, want.num_tokens)
     torch.testing.assert_close(got_grad, want_grad, **grad_tol(dtype))
+
+
+@pytest.mark.parametrize("block_v", [16, 64])
+def test_log_sum_sq_across_blocks(block_v):
+    """WPO's statistic with several blocks and a masked tail (V = 53), a masked vocabulary
+    (-inf logits) and an ignored token, against float64."""
+    from pyfastpo.kernels.logps_forward import logps_forward
+
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(2, 3, 53, generator=g) * 4).to(DEVICE)
+    logits[0, 1, 40:] = float("-inf")
+    labels = torch.randint(0, 40, (2, 3), generator=g).to(DEVICE)
+    labels[1, 2] = IGNORE
+    got = logps_forward(logits, labels, IGNORE, block_v=block_v, log_sum_sq=True)[5].view(2, 3)
+    x = logits.double()
+    want = (torch.logsumexp(2 * x, -1) - 2 * torch.logsumexp(x, -1)) * (labels != IGNORE)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -17,8 +17,8 @@ from pyfastpo.kernels.logps_forward import logps_forward
 
 from .base import TokenStats
 
-LOG_SUM_SQ = False
-"""Does not compute ``log sum_v p_v^2`` yet (WPO): the reference backend does."""
+LOG_SUM_SQ = True
+"""Computes ``log sum_v p_v^2`` on request (:mod:`pyfastpo.backends.base`)."""
 name = "triton"
 
 
@@ -35,10 +35,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, log_sum_sq: bool = False) -> TokenStats:
     """The contract's forward (:mod:`pyfastpo.backends.base`) by the Triton kernels."""
-    if log_sum_sq:
-        raise ValueError(f"the {name} backend does not compute log_sum_sq (WPO) yet; use backend='reference'")
     n, t, _ = logits.shape
-    stats = logps_forward(logits, labels, ignore_index)
+    stats = logps_forward(logits, labels, ignore_index, log_sum_sq=log_sum_sq)
     return TokenStats(*(s.view(n, t) for s in stats))
 
 

@@ -300,10 +300,12 @@ def _triton_source(kernel: str, dtype: str) -> tuple:
             "log_sum_ptr": "*fp32",
             "entropy_ptr": "*fp32",
             "sum_logits_ptr": "*fp32",
+            "sq_ptr": "*fp32",
             **common,
             "ignore_index": "i64",
             "BLOCK_V": "constexpr",
             "VEC": "constexpr",
+            "WITH_SQ": "constexpr",
         }
         fn = logps_forward._logps_forward_kernel
     else:
@@ -334,6 +336,7 @@ def compile_triton_config(
     constexprs = {"BLOCK_V": block_v}
     if kernel == "forward":
         constexprs["VEC"] = min(block_v, 16 // ELEM_BYTES[dtype])  # as logps_forward launches it
+        constexprs["WITH_SQ"] = False  # the plain pass (WPO's variant adds one accumulator)
     return compile_triton(fn, sig, constexprs, num_warps, arch, divisible if aligned else (), sass)
 
 
