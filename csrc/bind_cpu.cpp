@@ -19,7 +19,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("forward", &pfpo::cpu_forward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
         py::arg("labels"), py::arg("ignore_index"), py::arg("out_stats"), py::arg("num_threads") = 0,
-        "Per-token logp, row max, log-sum-exp shift, entropy, sum of logits into a float32 [5, N*T] buffer.");
+        py::arg("log_sum_sq") = false,
+        "Per-token logp, row max, log-sum-exp shift, entropy, sum of logits into a float32 [5, N*T] buffer "
+        "(and log sum p^2 as a sixth row of a [6, N*T] one with log_sum_sq).");
   m.def("backward", &pfpo::cpu_backward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
         py::arg("labels"), py::arg("row_max"), py::arg("log_sum"), py::arg("grad_scale"),

@@ -64,13 +64,23 @@ PFPO_INLINE void store_block(const float* buf, int64_t n, typename Elem<DT>::T* 
   for (int64_t i = 0; i < n; ++i) dst[i] = Elem<DT>::store(buf[i]);
 }
 
-// Online state of one row, 16 lanes at a time.
-template <int DT>
-PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V) {
-  float lm[L], ls[L], lu[L], lx[L];
+// q's lanes re-based to their new maxima bm (before rebase() moves lm there): q *= c^2.
+PFPO_INLINE void rescale_sq(const float* lm, float* lq, const float* bm) {
+  for (int j = 0; j < L; ++j) {
+    const float c = pfpo_exp(clamp_shift(lm[j] - bm[j]));
+    lq[j] *= c * c;
+  }
+}
+
+// Online state of one row, 16 lanes at a time. SQ: also q = sum exp(2 (x - m)) (WPO's
+// log sum p^2 = log q - 2 log s), into *q_out; a separate instantiation, so the plain
+// pass is unchanged.
+template <int DT, bool SQ>
+PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V, float* q_out) {
+  float lm[L], ls[L], lu[L], lx[L], lq[L];
   for (int j = 0; j < L; ++j) {
     lm[j] = -INFINITY;
-    ls[j] = lu[j] = lx[j] = 0.0f;
+    ls[j] = lu[j] = lx[j] = lq[j] = 0.0f;
   }
   alignas(64) float buf[BLOCK];
   for (int64_t b = 0; b < V; b += BLOCK) {
@@ -93,16 +103,37 @@ PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V) {
         bm[j] = pfpo_max(bm[j], x[i + j]);
         lx[j] += x[i + j];
       }
+    if (SQ) rescale_sq(lm, lq, bm);
     for (int j = 0; j < L; ++j) rebase(lm[j], ls[j], lu[j], bm[j]);
     for (int64_t i = 0; i < nfull; i += L)
-      for (int j = 0; j < L; ++j) accumulate_at_max(lm[j], ls[j], lu[j], x[i + j]);
+      for (int j = 0; j < L; ++j) {
+        if (SQ) {
+          const float e = pfpo_exp(clamp_shift(x[i + j] - lm[j]));
+          lq[j] += e * e;
+        }
+        accumulate_at_max(lm[j], ls[j], lu[j], x[i + j]);
+      }
     // Fewer than L elements left (last block only): general updates, one per lane.
     for (int64_t k = 0; k < nb - nfull; ++k) {
       const float v = x[nfull + k];
-      rebase(lm[k], ls[k], lu[k], pfpo_max(lm[k], v));
+      const float mk = pfpo_max(lm[k], v);
+      if (SQ) {
+        const float c = pfpo_exp(clamp_shift(lm[k] - mk)), e = pfpo_exp(clamp_shift(v - mk));
+        lq[k] = lq[k] * c * c + e * e;
+      }
+      rebase(lm[k], ls[k], lu[k], mk);
       accumulate_at_max(lm[k], ls[k], lu[k], v);
       lx[k] += v;
     }
+  }
+  if (SQ) {  // q of the lanes at the row max, in a fixed order (deterministic)
+    float m = -INFINITY, q = 0.0f;
+    for (int j = 0; j < L; ++j) m = pfpo_max(m, lm[j]);
+    for (int j = 0; j < L; ++j) {
+      const float c = pfpo_exp(clamp_shift(lm[j] - m));
+      q += lq[j] * c * c;
+    }
+    *q_out = q;
   }
   // Pairwise tree merge of the lanes (fixed order: deterministic).
   State st[L];
@@ -117,11 +148,13 @@ PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V) {
   return st[0];
 }
 
-template <int DT>
+template <int DT, bool SQ>
 PFPO_INLINE void fwd_row(const void* row_v, int64_t V, int64_t y, float* out, int64_t rows) {
   const auto* row = static_cast<const typename Elem<DT>::T*>(row_v);
-  const State st = row_state<DT>(row, V);
+  float q = 0.0f;
+  const State st = row_state<DT, SQ>(row, V, &q);
   const Stats r = finalize(st);
+  if (SQ) out[kNumStats * rows] = logf(q) - 2.0f * r.log_s;  // NaN with log s for an undefined row
   // out points at this token's slot of five [rows] arrays: logp, m, log s, entropy, sum_x.
   out[0] = token_logp(Elem<DT>::load(row[y]), st.m, r.log_s);
   out[rows] = st.m;
@@ -154,16 +187,20 @@ PFPO_INLINE void bwd_row(const void* row_v, int64_t V, int64_t y, float m, float
   out[y] = Elem<DT>::store(grad_target(xy, m, log_s, g));
 }
 
-using FwdRowFn = void (*)(int, const void*, int64_t, int64_t, float*, int64_t);
+using FwdRowFn = void (*)(int, bool, const void*, int64_t, int64_t, float*, int64_t);
 using BwdRowFn = void (*)(int, const void*, int64_t, int64_t, float, float, float, void*);
 
 // One copy of the row kernels per instruction set.
 #define PFPO_DEFINE_ISA(SUFFIX, ATTR)                                                            \
-  ATTR void fwd_row_##SUFFIX(int dt, const void* row, int64_t V, int64_t y, float* out,         \
+  ATTR void fwd_row_##SUFFIX(int dt, bool sq, const void* row, int64_t V, int64_t y, float* out, \
                              int64_t rows) {                                                    \
-    if (dt == kFloat32) fwd_row<kFloat32>(row, V, y, out, rows);                                \
-    else if (dt == kBFloat16) fwd_row<kBFloat16>(row, V, y, out, rows);                         \
-    else fwd_row<kFloat16>(row, V, y, out, rows);                                               \
+    if (sq) {                                                                                   \
+      if (dt == kFloat32) fwd_row<kFloat32, true>(row, V, y, out, rows);                        \
+      else if (dt == kBFloat16) fwd_row<kBFloat16, true>(row, V, y, out, rows);                 \
+      else fwd_row<kFloat16, true>(row, V, y, out, rows);                                       \
+    } else if (dt == kFloat32) fwd_row<kFloat32, false>(row, V, y, out, rows);                  \
+    else if (dt == kBFloat16) fwd_row<kBFloat16, false>(row, V, y, out, rows);                  \
+    else fwd_row<kFloat16, false>(row, V, y, out, rows);                                        \
   }                                                                                             \
   ATTR void bwd_row_##SUFFIX(int dt, const void* row, int64_t V, int64_t y, float m,            \
                              float log_s, float g, void* out) {                                 \
@@ -231,7 +268,7 @@ int threads(int requested) { return requested > 0 ? requested : omp_get_max_thre
 
 void cpu_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
                  int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
-                 int num_threads) {
+                 int num_threads, bool log_sum_sq) {
   const int64_t es = elem_size(dtype);
   const char* base = reinterpret_cast<const char*>(logits);
   const int64_t* lab = reinterpret_cast<const int64_t*>(labels);
@@ -242,12 +279,12 @@ void cpu_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, i
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t y = lab[r];
     if (y == ignore_index || y < 0 || y >= V) {  // ignored: never read the row
-      for (int k = 0; k < kNumStats; ++k) out[k * rows + r] = 0.0f;
+      for (int k = 0; k < kNumStats + log_sum_sq; ++k) out[k * rows + r] = 0.0f;
       continue;
     }
     const int64_t n = r / T, t = r % T;
     const char* row = base + (n * stride_n + t * stride_t) * es;
-    fwd(dtype, row, V, y, out + r, rows);
+    fwd(dtype, log_sum_sq, row, V, y, out + r, rows);
   }
 }
 

@@ -13,10 +13,11 @@ namespace pfpo {
 // logp, m (row max), log s (s = sum exp(x - m)), entropy, sum of logits.
 // Ignored tokens (label == ignore_index or outside [0, V)) are not read; their
 // five values are written as 0. An undefined row (NaN, +inf or only -inf
-// logits) gets log s = entropy = logp = NaN.
+// logits) gets log s = entropy = logp = NaN. log_sum_sq: a sixth row, log sum_v p_v^2
+// (WPO's weight) from the same pass, into a [6, N*T] buffer.
 void cpu_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
                  int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
-                 int num_threads);
+                 int num_threads, bool log_sum_sq);
 
 // out[n,t,:] = g[n] * (onehot(y) - exp((x - m[n,t]) - log_s[n,t])) in the logits' dtype;
 // zeros for ignored tokens, NaN for a row whose log s is NaN. out may be logits

@@ -223,9 +223,11 @@ def test_out_of_range_labels_are_ignored_by_the_kernel():
 def test_deterministic():
     x = torch.randn(4, 16, 3001)
     y = torch.randint(0, 3001, (4, 16))
-    a = cpp_backend.forward(x, y, -100)
-    b = cpp_backend.forward(x, y, -100)
+    a = cpp_backend.forward(x, y, -100, log_sum_sq=True)
+    b = cpp_backend.forward(x, y, -100, log_sum_sq=True)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+    plain = cpp_backend.forward(x, y, -100)
+    assert plain.log_sum_sq is None and all(torch.equal(p, q) for p, q in zip(plain[:5], a[:5]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -36,8 +36,13 @@ def log_sum_sq_f64(logits, labels):
 
 @pytest.mark.parametrize("backend", WITH_STAT)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_log_sum_sq_matches_float64(backend, dtype):
-    logits, labels = make(dtype=dtype)
+@pytest.mark.parametrize("v", [53, 3001])
+def test_log_sum_sq_matches_float64(backend, dtype, v):
+    """Odd V within one block and across several (the C++ kernel's blocks are 1024), with a
+    masked vocabulary (-inf logits) in one row."""
+    logits, labels = make(v=v, dtype=dtype)
+    logits[0, 3, v // 2 :] = float("-inf")
+    labels[0, 3] = 1
     out = pyfastpo.sequence_logps(logits, labels, backend=backend, return_log_sum_sq=True)
     torch.testing.assert_close(out.log_sum_sq.double(), log_sum_sq_f64(logits, labels), rtol=1e-5, atol=1e-5)
     plain = pyfastpo.sequence_logps(logits, labels, backend=backend)

@@ -14,8 +14,8 @@ from .native import load_extension, run_backward, run_forward
 
 _C, _IMPORT_ERROR = load_extension("_C")
 
-LOG_SUM_SQ = False
-"""Does not compute ``log sum_v p_v^2`` yet (WPO): the reference backend does."""
+LOG_SUM_SQ = True
+"""Computes ``log sum_v p_v^2`` on request (:mod:`pyfastpo.backends.base`)."""
 name = "cpp"
 
 
@@ -36,9 +36,8 @@ def isa() -> str:
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, log_sum_sq: bool = False) -> TokenStats:
     """The contract's forward (:mod:`pyfastpo.backends.base`) on CPU tensors."""
-    if log_sum_sq:
-        raise ValueError(f"the {name} backend does not compute log_sum_sq (WPO) yet; use backend='reference'")
-    return run_forward(lambda *args: _C.forward(*args, torch.get_num_threads()), logits, labels, ignore_index)
+    call = lambda *args: _C.forward(*args, torch.get_num_threads(), log_sum_sq)  # noqa: E731
+    return run_forward(call, logits, labels, ignore_index, log_sum_sq)
 
 
 def backward(logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:

@@ -59,12 +59,13 @@ def backward_args(logits, labels, row_max, log_sum, grad_scale, ignore_index, ou
     return (*_logits_args(logits), *pointers, int(ignore_index), out.data_ptr(), out.stride(0), out.stride(1))
 
 
-def run_forward(call, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> TokenStats:
+def run_forward(call, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, log_sum_sq=False) -> TokenStats:
     """The contract's forward through an extension: allocates the float32
-    ``[NUM_STATS, N, T]`` buffer and calls ``call(*forward_args(...))`` (the
-    extension's forward with its own trailing arguments bound)."""
+    ``[NUM_STATS, N, T]`` buffer (one row more for ``log_sum_sq``, which the call must
+    then fill) and calls ``call(*forward_args(...))`` (the extension's forward with its
+    own trailing arguments bound)."""
     n, t, _ = logits.shape
-    out = torch.empty(NUM_STATS, n, t, dtype=torch.float32, device=logits.device)
+    out = torch.empty(NUM_STATS + log_sum_sq, n, t, dtype=torch.float32, device=logits.device)
     if out.numel():
         call(*forward_args(logits, labels, ignore_index, out))
     return TokenStats(*out.unbind(0))
