@@ -370,15 +370,16 @@ def test_peers_run_on_the_cpu(peers_run, name):
 
 
 def test_compile_runs_pyfastpo_compiled_next_to_eager(tmp_path):
-    """``--compile`` adds each selected backend under torch.compile on both paths, checked
+    """``--compile`` adds each selected backend under torch.compile on both paths (``--wpo``:
+    with WPO's statistic on the logits path), checked
     against the oracle like every contender, with its own time and peak memory; without
     the flag those rows are skipped with the reason."""
     out = tmp_path / "bench"
     argv = ["--device", "cpu", "--quick", "--sizes", "2x8x64x16", "--backends", "cpp", "--repeats", "1"]
     argv += ["--warmup", "0", "--prompt-fractions", "0.25", "--baselines", "none", "--no-progress"]
-    assert cli.main([*argv, "--compile", "--out", str(out)]) == 0
+    assert cli.main([*argv, "--compile", "--wpo", "--out", str(out)]) == 0
     rows = {r["contender"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    for name in ("pyfastpo[cpp]+compile", "pyfastpo-linear[cpp]+compile"):
+    for name in ("pyfastpo[cpp]+compile", "pyfastpo-linear[cpp]+compile", "pyfastpo[cpp]+wpo"):
         assert rows[name]["status"] == "ok" and rows[name]["passed"], rows[name]
         assert rows[name]["peak_bytes"] > 0 and rows[name]["total_ms"] > 0
     assert "torch.compile(pyfastpo" in (out / "results.md").read_text()
@@ -387,3 +388,4 @@ def test_compile_runs_pyfastpo_compiled_next_to_eager(tmp_path):
         s["contender"]: s["reason"] for s in json.loads((tmp_path / "eager" / "results.json").read_text())["skipped"]
     }
     assert skipped["pyfastpo[cpp]+compile"] == "not selected (pass --compile)"
+    assert skipped["pyfastpo[cpp]+wpo"] == "not selected (pass --wpo)"

@@ -130,6 +130,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also run each selected pyfastpo backend under torch.compile (time and peak memory against eager)",
     )
+    p.add_argument(
+        "--wpo",
+        action="store_true",
+        help="also run each selected pyfastpo backend with WPO's log sum p^2 (logits path): its extra cost",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -249,7 +254,7 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
     from tqdm.auto import tqdm
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    options = contenders.Options(args.baseline_set, args.backend_set, args.include_interpreted, args.compile)
+    options = contenders.Options(args.baseline_set, args.backend_set, args.include_interpreted, args.compile, args.wpo)
     paths = ["logits", "linear"] if args.path == "both" else [args.path]
     meta = environment.describe(device, argv)
     meta.update(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyfastpo.backends import BACKENDS, KERNEL_DTYPES, unavailable_reason
+from pyfastpo.backends import BACKENDS, KERNEL_DTYPES, backend_module, unavailable_reason
 from pyfastpo.linear import linear_preference_loss
 from pyfastpo.losses import preference_loss
 from pyfastpo.sequence_logps import sequence_logps
@@ -59,6 +59,7 @@ class Options:
     backends: frozenset | None = None  # None: every backend
     include_interpreted: bool = False
     compile: bool = False  # --compile: also pyfastpo's backends under torch.compile
+    wpo: bool = False  # --wpo: also pyfastpo's backends with WPO's log sum p^2 (logits path)
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,19 @@ def _compiled(op, source: str, compiled: bool, options: Options):
     return torch.compile(op), f"torch {torch.__version__} torch.compile({source})"
 
 
-def _pyfastpo_logits(name: str, compiled: bool = False):
+def _pyfastpo_logits(name: str, compiled: bool = False, wpo: bool = False):
     def build(device, dtype, options):
         _check_backend(name, device, dtype, options)
+        if wpo and not options.wpo:
+            raise Skip("not selected (pass --wpo)")
+        if wpo and not backend_module(name).LOG_SUM_SQ:
+            raise Skip(f"backend {name!r} does not compute log_sum_sq (WPO's statistic) yet")
 
         def op(logits, labels):
-            return sequence_logps(logits, labels, backend=name).logps
+            return sequence_logps(logits, labels, backend=name, return_log_sum_sq=wpo).logps
 
-        return _compiled(op, f"pyfastpo {__version__} sequence_logps(backend={name!r})", compiled, options)
+        extra = ", return_log_sum_sq=True" if wpo else ""
+        return _compiled(op, f"pyfastpo {__version__} sequence_logps(backend={name!r}{extra})", compiled, options)
 
     return build
 
@@ -284,6 +290,17 @@ def registry() -> list[Contender]:
             )
         )
     out += [_compiled_contender(b, "logits") for b in backends if b != "reference"]
+    out += [
+        Contender(
+            f"pyfastpo[{b}]+wpo",
+            "logits",
+            "pyfastpo",
+            f"pyfastpo.sequence_logps(backend={b!r}, return_log_sum_sq=True): WPO's extra statistic in the same pass",
+            _pyfastpo_logits(b, wpo=True),
+        )
+        for b in backends
+        if b != "reference"
+    ]
     out += [
         Contender("trl-way", "logits", "trl", BASELINE_GROUPS["trl"], _build_trl, baseline=True),
         Contender(
