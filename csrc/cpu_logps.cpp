@@ -107,11 +107,15 @@ PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V, float* q
     for (int j = 0; j < L; ++j) rebase(lm[j], ls[j], lu[j], bm[j]);
     for (int64_t i = 0; i < nfull; i += L)
       for (int j = 0; j < L; ++j) {
-        if (SQ) {
-          const float e = pfpo_exp(clamp_shift(x[i + j] - lm[j]));
+        if (SQ) {  // accumulate_at_max's arithmetic (the same s and u), plus q from the same exp
+          const float d = clamp_shift(x[i + j] - lm[j]);
+          const float e = pfpo_exp(d);
+          ls[j] += e;
+          lu[j] += e * d;
           lq[j] += e * e;
+        } else {
+          accumulate_at_max(lm[j], ls[j], lu[j], x[i + j]);
         }
-        accumulate_at_max(lm[j], ls[j], lu[j], x[i + j]);
       }
     // Fewer than L elements left (last block only): general updates, one per lane.
     for (int64_t k = 0; k < nb - nfull; ++k) {
