@@ -108,11 +108,7 @@ PFPO_INLINE State row_state(const typename Elem<DT>::T* row, int64_t V, float* q
     for (int64_t i = 0; i < nfull; i += L)
       for (int j = 0; j < L; ++j) {
         if (SQ) {  // accumulate_at_max's arithmetic (the same s and u), plus q from the same exp
-          const float d = clamp_shift(x[i + j] - lm[j]);
-          const float e = pfpo_exp(d);
-          ls[j] += e;
-          lu[j] += e * d;
-          lq[j] += e * e;
+          accumulate_at_max_sq(lm[j], ls[j], lu[j], lq[j], x[i + j]);
         } else {
           accumulate_at_max(lm[j], ls[j], lu[j], x[i + j]);
         }

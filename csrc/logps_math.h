@@ -174,6 +174,15 @@ PFPO_HD void accumulate_at_max(float m, float& s, float& u, float x) {
   u += e * d;
 }
 
+// accumulate_at_max, plus q += exp(2 (x - m)) from the same exp (WPO's log sum p^2).
+PFPO_HD void accumulate_at_max_sq(float m, float& s, float& u, float& q, float x) {
+  float d = clamp_shift(x - m);
+  float e = pfpo_exp(d);
+  s += e;
+  u += e * d;
+  q += e * e;
+}
+
 // Add one element x (general online update: one or two exps).
 PFPO_HD void update(State& st, float x) {
   rebase(st.m, st.s, st.u, pfpo_max(st.m, x));
