@@ -15,7 +15,8 @@
 #             the fused, linear and autocast paths, no host sync in a step, CUDA graphs, compile
 #   memcheck  compute-sanitizer memcheck on a small case (benchmarks/memcheck_case.py)
 #   logits    the heavy op at N=16, T=2048, V=128256 bf16 (past 2^31 elements), against TRL's
-#             way and torch.compile: time, bandwidth against the copy floor, peak memory
+#             way and torch.compile: time, bandwidth against the copy floor, peak memory; and
+#             WPO's extra statistic (--wpo)
 #   linear    the linear path at Llama-3-8B's head (H=4096, V=128256), against Liger and CCE
 #   triton    a BLOCK_V x num_warps sweep of the Triton kernels (benchmarks/triton_sweep.py)
 # and last, a short summary table (benchmarks/gpu_check_summary.py). With ARCHIVE=FILE set,
@@ -72,14 +73,15 @@ fi
 if [ "$DRY" = 0 ]; then
   step build 180 $PY -m pip install --no-build-isolation --no-deps -e .
   step tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_triton_kernels.py \
-    tests/test_sequence_logps.py tests/test_hardening.py tests/test_fused.py tests/test_linear.py tests/test_autocast.py tests/test_no_sync.py tests/test_compile.py
+    tests/test_sequence_logps.py tests/test_hardening.py tests/test_fused.py tests/test_linear.py tests/test_autocast.py tests/test_no_sync.py tests/test_compile.py \
+    tests/test_wpo.py tests/test_token_weights.py
   if command -v compute-sanitizer > /dev/null; then
     step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/memcheck_case.py
   else
     skip memcheck "compute-sanitizer not found on PATH"
   fi
-  step logits 120 $PY -m pyfastpo.bench --device cuda --dtype bfloat16 --path logits --baselines trl,compile \
-    --no-progress --sizes 16x2048x128256 --out "$OUT/logits"
+  step logits 150 $PY -m pyfastpo.bench --device cuda --dtype bfloat16 --path logits --baselines trl,compile \
+    --wpo --no-progress --sizes 16x2048x128256 --out "$OUT/logits"
   step linear 90 $PY -m pyfastpo.bench --device cuda --dtype bfloat16 --path linear --baselines materialized,liger,cce \
     --no-progress --sizes 8x1024x128256x4096 --out "$OUT/linear"
   step triton 90 $PY benchmarks/triton_sweep.py --size 16x2048x128256 --dtype bfloat16 --blocks 2048,4096,8192 \
