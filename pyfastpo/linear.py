@@ -177,65 +177,6 @@ def _linear_backward_op(
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_hidden, grad_weight, grad_bias)``; an empty tensor for each one not needed."""
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _linear_backward(
-            grad_logps,
-            hidden,
-            weight,
-            bias,
-            labels,
-            token_weights,
-            saved,
-            ignore_index,
-            backend,
-            chunk,
-            proj,
-            need_h,
-            need_w,
-            need_b,
-        )
-
-
-@_linear_backward_op.register_fake
-def _(
-    grad_logps,
-    hidden,
-    weight,
-    bias,
-    labels,
-    token_weights,
-    saved,
-    ignore_index,
-    backend,
-    chunk,
-    proj,
-    need_h,
-    need_w,
-    need_b,
-):
-    return (
-        torch.empty_like(hidden) if need_h else hidden.new_empty(0),
-        torch.empty_like(weight) if need_w else weight.new_empty(0),
-        torch.empty_like(bias) if need_b else weight.new_empty(0),
-    )
-
-
-def _linear_backward(
-    grad_logps,
-    hidden,
-    weight,
-    bias,
-    labels,
-    token_weights,
-    saved,
-    ignore_index,
-    backend,
-    chunk,
-    proj,
-    need_h,
-    need_w,
-    need_b,
-):
     check_not_capturing(hidden, "the fused linear path")
     impl = backend_module(backend)
     n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
@@ -247,33 +188,45 @@ def _linear_backward(
     g_tok = grad_logps.to(acc)[n_idx]  # each token is its own length-1 sequence: a scale per token
     if token_weights is not None:
         g_tok = g_tok * token_weights.to(acc)[n_idx, t_idx]
-    # The forward's projection, recomputed in the same dtype (autocast's when it was on).
-    w, b = _cast(weight, proj), _cast(bias, proj)
-    for start in range(0, n_idx.numel(), chunk):
-        rows = slice(start, start + chunk)
-        h = hidden[n_idx[rows], t_idx[rows]].to(proj)
-        logits = _project(h, w, b)
-        y = labels[n_idx[rows], t_idx[rows]][:, None]
-        stat = (row_max[rows][:, None], log_sum[rows][:, None])
-        impl.backward(logits, y, *stat, g_tok[rows].contiguous(), ignore_index, logits)
-        grad_logits = logits.squeeze(1)  # [C, V], now dLoss/dlogits, in the logits' dtype
-        if need_h:
-            grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ w).to(hidden.dtype)
-        if need_w:
-            if grad_logits.dtype == acc or not grad_logits.is_cuda:
-                # In place, no [V, H] temporary per chunk; the float32 copy of a
-                # 16-bit chunk is within the chunk's memory budget.
-                grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
-            else:
-                # On a GPU keep the 16-bit GEMM (float32 accumulation inside cuBLAS,
-                # many times a float32 GEMM's speed) and add its [V, H] product in place.
-                grad_weight.add_(grad_logits.t() @ h)
-        if need_b:
-            grad_bias += grad_logits.to(acc).sum(0)
-        del logits, grad_logits
+    # The forward's projection, recomputed in the same dtype (autocast's when it was on), with
+    # autocast off: the matmuls run in exactly that dtype whatever context the backward runs in.
+    with torch.autocast(hidden.device.type, enabled=False):
+        w, b = _cast(weight, proj), _cast(bias, proj)
+        for start in range(0, n_idx.numel(), chunk):
+            rows = slice(start, start + chunk)
+            h = hidden[n_idx[rows], t_idx[rows]].to(proj)
+            logits = _project(h, w, b)
+            y = labels[n_idx[rows], t_idx[rows]][:, None]
+            stat = (row_max[rows][:, None], log_sum[rows][:, None])
+            impl.backward(logits, y, *stat, g_tok[rows].contiguous(), ignore_index, logits)
+            grad_logits = logits.squeeze(1)  # [C, V], now dLoss/dlogits, in the logits' dtype
+            if need_h:
+                grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ w).to(hidden.dtype)
+            if need_w:
+                if grad_logits.dtype == acc or not grad_logits.is_cuda:
+                    # In place, no [V, H] temporary per chunk; the float32 copy of a
+                    # 16-bit chunk is within the chunk's memory budget.
+                    grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
+                else:
+                    # On a GPU keep the 16-bit GEMM (float32 accumulation inside cuBLAS,
+                    # many times a float32 GEMM's speed) and add its [V, H] product in place.
+                    grad_weight.add_(grad_logits.t() @ h)
+            if need_b:
+                grad_bias += grad_logits.to(acc).sum(0)
+            del logits, grad_logits
     grad_weight = grad_weight.to(weight.dtype) if need_w else weight.new_empty(0)
     grad_bias = grad_bias.to(bias.dtype) if need_b else weight.new_empty(0)
     return grad_hidden, grad_weight, grad_bias
+
+
+@_linear_backward_op.register_fake
+def _(grad_logps, hidden, weight, bias, *rest):
+    need_h, need_w, need_b = rest[-3:]
+    return (
+        torch.empty_like(hidden) if need_h else hidden.new_empty(0),
+        torch.empty_like(weight) if need_w else weight.new_empty(0),
+        torch.empty_like(bias) if need_b else weight.new_empty(0),
+    )
 
 
 def _linear_setup_context(ctx, inputs, output):
