@@ -131,8 +131,9 @@ def _sequence_logps_op(
     inplace_backward: bool,
     with_log_sum_sq: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logps, num_tokens, entropy, mean_logits, saved)``: the per-sequence results and the
-    ``[2, N, T]`` row max and log-sum the backward reads. Raises ValueError for a label
+    """``(logps, num_tokens, entropy, mean_logits, log_sum_sq, saved)``: the per-sequence
+    results (``log_sum_sq`` zeros unless ``with_log_sum_sq``) and the ``[2, N, T]`` row max
+    and log-sum the backward reads. Raises ValueError for a label
     outside ``[0, V)`` before any kernel runs (:func:`check_label_values`)."""
     check_label_values(labels, logits.shape[-1], ignore_index)
     impl = backend_module(backend)
