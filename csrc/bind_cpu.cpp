@@ -40,8 +40,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_exp", &pfpo::emulated_device_exp, release(), py::arg("src"), py::arg("dst"), py::arg("n"),
         "Test hook: the CUDA kernels' exp (ex2 with a flush to zero), emulated on the host.");
   m.def("emulate_device_forward", &pfpo::emulate_device_forward, release(), py::arg("row"), py::arg("V"),
-        py::arg("y"), py::arg("threads"),
-        "Test hook: the CUDA forward on one float32 row, replayed on the host -> [logp, m, log s, entropy, sum_x, fast pass (1) or exact pass (0)].");
+        py::arg("y"), py::arg("threads"), py::arg("log_sum_sq") = false,
+        "Test hook: the CUDA forward on one float32 row, replayed on the host -> [logp, m, log s, entropy, sum_x, "
+        "fast pass (1) or exact pass (0)] (then log sum p^2 with log_sum_sq).");
   m.def("emulate_device_backward", &pfpo::emulate_device_backward, release(), py::arg("row"), py::arg("V"),
         py::arg("y"), py::arg("m"), py::arg("log_s"), py::arg("g"), py::arg("out"),
         "Test hook: the CUDA backward on one float32 row, replayed on the host.");

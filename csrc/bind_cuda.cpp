@@ -18,9 +18,10 @@ PYBIND11_MODULE(_cuda, m) {
         "Number of CUDA devices; raises RuntimeError when there is none.");
   m.def("forward", &pfpo::cuda_forward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
-        py::arg("labels"), py::arg("ignore_index"), py::arg("out_stats"), py::arg("device"),
-        py::arg("stream"),
-        "Per-token logp, row max, log-sum-exp shift, entropy, sum of logits into a float32 [5, N*T] device buffer.");
+        py::arg("labels"), py::arg("ignore_index"), py::arg("out_stats"), py::arg("log_sum_sq"),
+        py::arg("device"), py::arg("stream"),
+        "Per-token logp, row max, log-sum-exp shift, entropy, sum of logits into a float32 [5, N*T] device buffer "
+        "(and log sum p^2 as a sixth row of a [6, N*T] one with log_sum_sq).");
   m.def("backward", &pfpo::cuda_backward, release(), py::arg("logits"), py::arg("dtype"),
         py::arg("N"), py::arg("T"), py::arg("V"), py::arg("stride_n"), py::arg("stride_t"),
         py::arg("labels"), py::arg("row_max"), py::arg("log_sum"), py::arg("grad_scale"),

@@ -6,8 +6,8 @@
 // GPU. (A warp per row would only pay off for V below a few thousand, which is
 // not this library's case; small V stays correct, just not tuned.)
 //
-// Forward: each thread keeps an online state {m, s, u, sum_x} (logps_math.h) in
-// registers, updated once per 4 16-byte vectors in flight (one re-base per step).
+// Forward: each thread keeps an online state {m, s, u, sum_x} (logps_math.h; WPO's
+// variant adds q = sum p^2 unnormalized) in registers, updated once per 4 16-byte vectors in flight (one re-base per step).
 // The hot pass works in base 2 (update2_k: one FFMA, one ex2.approx, three adds and
 // a clamp per element, a packed max for 16-bit types); a row it cannot finish
 // exactly (a NaN or +inf logit, only -inf logits, |max| >= 2^24: fast_state_ok) is
@@ -77,39 +77,42 @@ __device__ __forceinline__ bool is_ignored(int64_t y, int64_t ignore_index, int6
   return y == ignore_index || y < 0 || y >= V;  // out-of-range labels are never read
 }
 
-template <bool BASE2>
-__device__ __forceinline__ State merge_any(State a, State b) {
+template <bool BASE2, typename S>
+__device__ __forceinline__ S merge_any(S a, S b) {
   return BASE2 ? merge2(a, b) : merge(a, b);
 }
 
-template <bool BASE2>
-__device__ __forceinline__ State shfl_merge(State a, int offset) {
+__device__ __forceinline__ State shfl_xor(const State& a, int offset) {
   State b;
   b.m = __shfl_xor_sync(0xffffffffu, a.m, offset);
   b.s = __shfl_xor_sync(0xffffffffu, a.s, offset);
   b.u = __shfl_xor_sync(0xffffffffu, a.u, offset);
   b.sum_x = __shfl_xor_sync(0xffffffffu, a.sum_x, offset);
   b.nan = __shfl_xor_sync(0xffffffffu, a.nan, offset);
-  return merge_any<BASE2>(a, b);
+  return b;
+}
+__device__ __forceinline__ SqState shfl_xor(const SqState& a, int offset) {
+  return SqState{shfl_xor(a.st, offset), __shfl_xor_sync(0xffffffffu, a.q, offset)};
 }
 
-template <bool BASE2>
-__device__ __forceinline__ State warp_reduce(State st) {
+template <bool BASE2, typename S>
+__device__ __forceinline__ S warp_reduce(S st) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) st = shfl_merge<BASE2>(st, off);
+  for (int off = 16; off > 0; off >>= 1) st = merge_any<BASE2>(st, shfl_xor(st, off));
   return st;
 }
 
 // The state of the whole block in thread 0 (others get garbage). blockDim.x is
-// a multiple of 32 and at most 1024. BASE2: states of the fast path (merge2).
-template <bool BASE2>
-__device__ __forceinline__ State block_reduce(State st, State* shared) {
+// a multiple of 32 and at most 1024. BASE2: states of the fast path (merge2). S: State,
+// or SqState (WPO's q beside it).
+template <bool BASE2, typename S>
+__device__ __forceinline__ S block_reduce(S st, S* shared) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   st = warp_reduce<BASE2>(st);
   if (lane == 0) shared[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    st = lane < nwarps ? shared[lane] : empty_state();
+    st = lane < nwarps ? shared[lane] : empty_of<S>();
     st = warp_reduce<BASE2>(st);
   }
   __syncthreads();  // shared is reused by the next reduction
@@ -257,48 +260,60 @@ __device__ int count_nans(const T* row, int64_t V, int* counter) {
 // Forward: one block of THREADS per row. A fast pass in base-2 units (logps_math.h:
 // update2_k); a row it cannot finish exactly (fast_state_ok) is read again by the
 // exact natural-units pass, which also counts NaNs where the sum of logits is NaN.
-template <typename T, int THREADS>
+// SQ: also WPO's log sum p^2 (one accumulator more on the same exp, logps_math.h's
+// SqState), a separate instantiation so that the plain kernel is unchanged.
+template <typename T, int THREADS, bool SQ>
 __global__ void __launch_bounds__(THREADS, 1024 / THREADS)
 forward_kernel(const T* __restrict__ logits, int64_t T_len, int64_t V, int64_t stride_n, int64_t stride_t,
                const int64_t* __restrict__ labels, int64_t ignore_index, float* __restrict__ out, int64_t rows) {
-  // out: [kNumStats, rows] float32: logp, m, log s, entropy, sum_x.
-  __shared__ State shared[32];
-  __shared__ State row_state;
+  // out: [kNumStats + SQ, rows] float32: logp, m, log s, entropy, sum_x (, log sum p^2).
+  using S = typename std::conditional<SQ, SqState, State>::type;
+  __shared__ S shared[32];
+  __shared__ float row_sum_x;
   __shared__ bool row_fast;
   __shared__ int row_nans;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t y = labels[r];
     if (is_ignored(y, ignore_index, V)) {  // block-uniform: the row is never read
       if (threadIdx.x == 0)
-        for (int k = 0; k < kNumStats; ++k) out[k * rows + r] = 0.0f;
+        for (int k = 0; k < kNumStats + SQ; ++k) out[k * rows + r] = 0.0f;
       continue;
     }
     const T* row = logits + (r / T_len) * stride_n + (r % T_len) * stride_t;
-    State st = fast_empty_state();
-    stream_row<T, THREADS>(row, V, [&](const auto& x, float x_max) { update2_k(st, x, pfpo_max(st.m, x_max)); });
+    S st = fast_empty_of<S>();
+    stream_row<T, THREADS>(row, V, [&](const auto& x, float x_max) { update2_k(st, x, pfpo_max(base_state(st).m, x_max)); });
     st = block_reduce<true>(st, shared);
-    if (threadIdx.x == 0) row_fast = fast_state_ok(st);
+    if (threadIdx.x == 0) row_fast = fast_state_ok(base_state(st));
     __syncthreads();
     Stats f;
+    float sq = 0.0f;
     if (row_fast) {  // block-uniform
-      if (threadIdx.x == 0) f = finalize2(st);
+      if (threadIdx.x == 0) {
+        f = finalize2(base_state(st));
+        if constexpr (SQ) sq = log_sum_sq2(st);
+      }
     } else {
-      st = empty_state();
+      st = empty_of<S>();
       stream_row<T, THREADS>(row, V, [&](const auto& x, float) { update_k(st, x); });
       st = block_reduce<false>(st, shared);
-      if (threadIdx.x == 0) row_state = st;
+      if (threadIdx.x == 0) row_sum_x = base_state(st).sum_x;
       __syncthreads();
-      if (row_state.sum_x != row_state.sum_x) st.nan = static_cast<float>(count_nans(row, V, &row_nans));
-      if (threadIdx.x == 0) f = finalize(st);
+      if (row_sum_x != row_sum_x) base_state(st).nan = static_cast<float>(count_nans(row, V, &row_nans));
+      if (threadIdx.x == 0) {
+        f = finalize(base_state(st));
+        if constexpr (SQ) sq = log_sum_sq(st, f);
+      }
     }
     if (threadIdx.x == 0) {
-      out[r] = token_logp(to_f(row[y]), st.m, f.log_s);
-      out[rows + r] = st.m;
+      const State& b = base_state(st);
+      out[r] = token_logp(to_f(row[y]), b.m, f.log_s);
+      out[rows + r] = b.m;
       out[2 * rows + r] = f.log_s;
       out[3 * rows + r] = f.entropy;
-      out[4 * rows + r] = st.sum_x;
+      out[4 * rows + r] = b.sum_x;
+      if constexpr (SQ) out[kNumStats * rows + r] = sq;
     }
-    __syncthreads();  // row_fast and row_state are rewritten by the next row
+    __syncthreads();  // row_fast and row_sum_x are rewritten by the next row
   }
 }
 
@@ -447,14 +462,15 @@ void with_threads(int64_t V, Launch&& launch) {
 
 template <typename T>
 void launch_forward(uintptr_t logits, int64_t N, int64_t T_len, int64_t V, int64_t sn,
-                    int64_t st, uintptr_t labels, int64_t ignore_index, uintptr_t out,
+                    int64_t st, uintptr_t labels, int64_t ignore_index, uintptr_t out, bool log_sum_sq,
                     cudaStream_t stream) {
   const int64_t rows = N * T_len;
   // Every row streams in 16-byte vectors after peeling its misaligned lead.
   with_threads(V, [&](auto threads) {
-    forward_kernel<T, threads()><<<blocks_for(rows), threads(), 0, stream>>>(
-        reinterpret_cast<const T*>(logits), T_len, V, sn, st, reinterpret_cast<const int64_t*>(labels),
-        ignore_index, reinterpret_cast<float*>(out), rows);
+    auto kernel = log_sum_sq ? forward_kernel<T, threads(), true> : forward_kernel<T, threads(), false>;
+    kernel<<<blocks_for(rows), threads(), 0, stream>>>(reinterpret_cast<const T*>(logits), T_len, V, sn, st,
+                                                       reinterpret_cast<const int64_t*>(labels), ignore_index,
+                                                       reinterpret_cast<float*>(out), rows);
   });
   PFPO_CHECK(cudaGetLastError());
 }
@@ -497,20 +513,20 @@ int cuda_device_count() {
 
 void cuda_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
                   int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
-                  int device, uintptr_t stream) {
+                  bool log_sum_sq, int device, uintptr_t stream) {
   prepare(device, V);
   if (N * T == 0) return;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:
       return launch_forward<float>(logits, N, T, V, stride_n, stride_t, labels, ignore_index,
-                                   out_stats, s);
+                                   out_stats, log_sum_sq, s);
     case kBFloat16:
       return launch_forward<__nv_bfloat16>(logits, N, T, V, stride_n, stride_t, labels,
-                                           ignore_index, out_stats, s);
+                                           ignore_index, out_stats, log_sum_sq, s);
     case kFloat16:
       return launch_forward<__half>(logits, N, T, V, stride_n, stride_t, labels, ignore_index,
-                                    out_stats, s);
+                                    out_stats, log_sum_sq, s);
   }
   throw std::invalid_argument("pyfastpo.backends._cuda: unknown dtype code " + std::to_string(dtype));
 }

@@ -12,11 +12,12 @@ namespace pfpo {
 // Throws "no CUDA device" unless at least one device is usable; returns the count.
 int cuda_device_count();
 
-// Same contract as cpu_forward / cpu_backward (cpu_logps.h), on `device`,
+// Same contract as cpu_forward / cpu_backward (cpu_logps.h; log_sum_sq: the sixth row of
+// out_stats), on `device`,
 // enqueued on `stream` (a cudaStream_t as an integer; 0 = legacy default stream).
 void cuda_forward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
                   int64_t stride_t, uintptr_t labels, int64_t ignore_index, uintptr_t out_stats,
-                  int device, uintptr_t stream);
+                  bool log_sum_sq, int device, uintptr_t stream);
 
 void cuda_backward(uintptr_t logits, int dtype, int64_t N, int64_t T, int64_t V, int64_t stride_n,
                    int64_t stride_t, uintptr_t labels, uintptr_t row_max, uintptr_t log_sum,

@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "device_emulation.h"
@@ -52,11 +53,11 @@ namespace {
 constexpr int kUnroll = 4;
 
 // xor butterfly over 32 lanes, as __shfl_xor_sync; `merge` is dev::merge2 (fast
-// pass, base 2) or dev::merge (exact pass).
-template <typename Merge>
-dev::State warp_reduce(std::vector<dev::State> lanes, Merge merge) {
+// pass, base 2) or dev::merge (exact pass). S: dev::State, or dev::SqState (WPO).
+template <typename S, typename Merge>
+S warp_reduce(std::vector<S> lanes, Merge merge) {
   for (int off = 16; off > 0; off >>= 1) {
-    std::vector<dev::State> next(32);
+    std::vector<S> next(32);
     for (int l = 0; l < 32; ++l) next[l] = merge(lanes[l], lanes[l ^ off]);
     lanes.swap(next);
   }
@@ -64,20 +65,20 @@ dev::State warp_reduce(std::vector<dev::State> lanes, Merge merge) {
 }
 
 // cuda_logps.cu's block_reduce: each warp, then the warps' results (lanes >= nwarps empty).
-template <typename Merge>
-dev::State block_reduce(const std::vector<dev::State>& st, Merge merge) {
+template <typename S, typename Merge>
+S block_reduce(const std::vector<S>& st, Merge merge) {
   const int nwarps = static_cast<int>(st.size()) / 32;
-  std::vector<dev::State> shared(32, dev::empty_state());
-  for (int w = 0; w < nwarps; ++w)
-    shared[w] = warp_reduce(std::vector<dev::State>(st.begin() + 32 * w, st.begin() + 32 * (w + 1)), merge);
+  std::vector<S> shared(32, dev::empty_of<S>());
+  for (int w = 0; w < nwarps; ++w) shared[w] = warp_reduce(std::vector<S>(st.begin() + 32 * w, st.begin() + 32 * (w + 1)), merge);
   return warp_reduce(shared, merge);
 }
 
 // cuda_logps.cu's stream_row for float32 (K = 4): the lead before the row's first
 // 16-byte boundary (of its real address), one element per thread; kUnroll vectors per
 // step; the remaining vectors; the tail. add(state, x, n, max of x) per call.
-template <typename Add>
-void stream_row(uintptr_t row_ptr, int64_t V, std::vector<dev::State>& st, Add add) {
+template <typename S, typename Add>
+void stream_row(uintptr_t row_ptr, int64_t V, std::vector<S>& st, Add add) {
+
   const float* row = reinterpret_cast<const float*>(row_ptr);
   const int threads = static_cast<int>(st.size());
   const auto max_of = [](const float* x, int n) {
@@ -104,50 +105,63 @@ void stream_row(uintptr_t row_ptr, int64_t V, std::vector<dev::State>& st, Add a
     for (int64_t j = lead + nvec * 4 + tid; j < V; j += threads) add(st[tid], row + j, 1, row[j]);
 }
 
-template <int N>
-void fast_add(dev::State& st, const float* x, float x_max) {
+template <int N, typename S>
+void fast_add(S& st, const float* x, float x_max) {
   float a[N];
   for (int k = 0; k < N; ++k) a[k] = x[k];
-  dev::update2_k<N>(st, a, dev::pfpo_max(st.m, x_max));
+  dev::update2_k<N>(st, a, dev::pfpo_max(dev::base_state(st).m, x_max));
 }
 
-template <int N>
-void exact_add(dev::State& st, const float* x) {
+template <int N, typename S>
+void exact_add(S& st, const float* x) {
   float a[N];
   for (int k = 0; k < N; ++k) a[k] = x[k];
   dev::update_k<N>(st, a);
 }
 
-}  // namespace
-
-std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t y, int threads) {
-  if (threads < 32 || threads % 32 || threads > 1024) throw std::invalid_argument("threads: a multiple of 32 in [32, 1024]");
+// The forward of one row with the state S (dev::State, or dev::SqState for WPO's q).
+template <typename S>
+std::vector<float> forward_row(uintptr_t row_ptr, int64_t V, int64_t y, int threads) {
   const float* row = reinterpret_cast<const float*>(row_ptr);
   // The fast pass, in base 2.
-  std::vector<dev::State> st(threads, dev::fast_empty_state());
-  stream_row(row_ptr, V, st, [](dev::State& s, const float* x, int n, float x_max) {
+  std::vector<S> st(threads, dev::fast_empty_of<S>());
+  stream_row(row_ptr, V, st, [](S& s, const float* x, int n, float x_max) {
     if (n == 1) fast_add<1>(s, x, x_max);
     else if (n == 4) fast_add<4>(s, x, x_max);
     else fast_add<4 * kUnroll>(s, x, x_max);
   });
-  dev::State total = block_reduce(st, dev::merge2);
+  S total = block_reduce(st, [](S a, S b) { return dev::merge2(a, b); });
   dev::Stats f;
-  const bool fast = dev::fast_state_ok(total);
+  float sq = 0.0f;
+  const bool fast = dev::fast_state_ok(dev::base_state(total));
   if (fast) {
-    f = dev::finalize2(total);
+    f = dev::finalize2(dev::base_state(total));
+    if constexpr (std::is_same_v<S, dev::SqState>) sq = dev::log_sum_sq2(total);
   } else {  // the exact pass, natural units, NaNs counted where the sum is NaN
-    std::fill(st.begin(), st.end(), dev::empty_state());
-    stream_row(row_ptr, V, st, [](dev::State& s, const float* x, int n, float) {
+    std::fill(st.begin(), st.end(), dev::empty_of<S>());
+    stream_row(row_ptr, V, st, [](S& s, const float* x, int n, float) {
       if (n == 1) exact_add<1>(s, x);
       else if (n == 4) exact_add<4>(s, x);
       else exact_add<4 * kUnroll>(s, x);
     });
-    total = block_reduce(st, dev::merge);
-    if (total.sum_x != total.sum_x)
-      for (int64_t i = 0; i < V; ++i) total.nan += dev::is_nan(row[i]);
-    f = dev::finalize(total);
+    total = block_reduce(st, [](S a, S b) { return dev::merge(a, b); });
+    dev::State& b = dev::base_state(total);
+    if (b.sum_x != b.sum_x)
+      for (int64_t i = 0; i < V; ++i) b.nan += dev::is_nan(row[i]);
+    f = dev::finalize(b);
+    if constexpr (std::is_same_v<S, dev::SqState>) sq = dev::log_sum_sq(total, f);
   }
-  return {dev::token_logp(row[y], total.m, f.log_s), total.m, f.log_s, f.entropy, total.sum_x, fast ? 1.0f : 0.0f};
+  const dev::State& b = dev::base_state(total);
+  std::vector<float> out{dev::token_logp(row[y], b.m, f.log_s), b.m, f.log_s, f.entropy, b.sum_x, fast ? 1.0f : 0.0f};
+  if constexpr (std::is_same_v<S, dev::SqState>) out.push_back(sq);
+  return out;
+}
+
+}  // namespace
+
+std::vector<float> emulate_device_forward(uintptr_t row_ptr, int64_t V, int64_t y, int threads, bool log_sum_sq) {
+  if (threads < 32 || threads % 32 || threads > 1024) throw std::invalid_argument("threads: a multiple of 32 in [32, 1024]");
+  return log_sum_sq ? forward_row<dev::SqState>(row_ptr, V, y, threads) : forward_row<dev::State>(row_ptr, V, y, threads);
 }
 
 void emulate_device_backward(uintptr_t row_ptr, int64_t V, int64_t y, float m, float log_s, float g,

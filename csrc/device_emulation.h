@@ -9,8 +9,8 @@ namespace pfpo {
 // cuda_logps.cu's forward on one float32 row of V logits with target y, as a block
 // of `threads` GPU threads runs it (the base-2 fast pass, the exact pass where that
 // cannot finish the row), with the device's exp. Returns {logp, m, log s, entropy, sum_x,
-// 1 if the fast pass finished the row else 0}.
-std::vector<float> emulate_device_forward(uintptr_t row, int64_t V, int64_t y, int threads);
+// 1 if the fast pass finished the row else 0}, then log sum p^2 with log_sum_sq (WPO's kernel).
+std::vector<float> emulate_device_forward(uintptr_t row, int64_t V, int64_t y, int threads, bool log_sum_sq);
 
 // cuda_logps.cu's backward on one float32 row: out[v] = g * ([v == y] - p_v), NaN when log_s is
 // (base 2 where |m| < 2^24, as on the device).

@@ -156,31 +156,24 @@ PFPO_HD State empty_state() { return State{-INFINITY, 0.0f, 0.0f, 0.0f, 0.0f}; }
 // 1 for a NaN element, else 0 (a select: vectorizes, counts exactly up to 2^24).
 PFPO_HD float is_nan(float x) { return (x != x) ? 1.0f : 0.0f; }
 
-// Re-base a state from its max to a larger max m_new (in place).
-PFPO_HD void rebase(float& m, float& s, float& u, float m_new) {
+// Re-base a state from its max to a larger max m_new (in place); returns the factor c.
+PFPO_HD float rebase(float& m, float& s, float& u, float m_new) {
   float d = clamp_shift(m - m_new);
   float c = pfpo_exp(d);
   // sum e^(x-m_new)(x-m_new) = c * sum e^(x-m)((x-m) + d) = c * (u + d s)
   u = c * (u + d * s);
   s = c * s;
   m = m_new;
+  return c;
 }
 
-// Add one element x to a state whose max m already satisfies m >= x.
-PFPO_HD void accumulate_at_max(float m, float& s, float& u, float x) {
+// Add one element x to a state whose max m already satisfies m >= x; returns exp(x - m).
+PFPO_HD float accumulate_at_max(float m, float& s, float& u, float x) {
   float d = clamp_shift(x - m);
   float e = pfpo_exp(d);
   s += e;
   u += e * d;
-}
-
-// accumulate_at_max, plus q += exp(2 (x - m)) from the same exp (WPO's log sum p^2).
-PFPO_HD void accumulate_at_max_sq(float m, float& s, float& u, float& q, float x) {
-  float d = clamp_shift(x - m);
-  float e = pfpo_exp(d);
-  s += e;
-  u += e * d;
-  q += e * e;
+  return e;
 }
 
 // Add one element x (general online update: one or two exps).
@@ -190,18 +183,27 @@ PFPO_HD void update(State& st, float x) {
   st.sum_x += x;
 }
 
-// Add K elements with a single re-base (what a GPU thread does per vector load).
-template <int K>
-PFPO_HD void update_k(State& st, const float (&x)[K]) {
+// Add K elements with a single re-base (what a GPU thread does per vector load). SQ: q
+// (see SqState) rides along; without it the q arguments are dead and compiled away.
+template <int K, bool SQ>
+PFPO_HD void update_k_q(State& st, float& q, const float (&x)[K]) {
   float m_new = st.m;
 PFPO_UNROLL
   for (int k = 0; k < K; ++k) m_new = pfpo_max(m_new, x[k]);
-  rebase(st.m, st.s, st.u, m_new);
+  const float c = rebase(st.m, st.s, st.u, m_new);
+  if (SQ) q *= c * c;
 PFPO_UNROLL
   for (int k = 0; k < K; ++k) {
-    accumulate_at_max(st.m, st.s, st.u, x[k]);
+    const float e = accumulate_at_max(st.m, st.s, st.u, x[k]);
+    if (SQ) q += e * e;
     st.sum_x += x[k];
   }
+}
+
+template <int K>
+PFPO_HD void update_k(State& st, const float (&x)[K]) {
+  float unused = 0.0f;
+  update_k_q<K, false>(st, unused, x);
 }
 
 // Combine two partial states (lanes of a CPU vector, GPU threads / warps).
@@ -263,21 +265,25 @@ PFPO_HD float scaled_max(float m) {
 // fast_state_ok sends it to the exact pass, which finds its true max.
 PFPO_HD State fast_empty_state() { return State{-2.0f * PFPO_FAST_MAX_ABS, 0.0f, 0.0f, 0.0f, 0.0f}; }
 
-// Re-base a base-2 state from max m to m_new >= m. The clamp keeps the empty state
-// (m = -inf: d = -inf, or NaN when m_new is -inf too) at exactly 0, never 0 * -inf.
-PFPO_HD void rebase2(float& m, float& s, float& u, float m_new) {
+// Re-base a base-2 state from max m to m_new >= m; returns the factor 2^d. The clamp keeps
+// the empty state (m = -inf: d = -inf, or NaN when m_new is -inf too) at exactly 0, never
+// 0 * -inf.
+PFPO_HD float rebase2(float& m, float& s, float& u, float m_new) {
   const float d = pfpo_max(scaled_max(m) - scaled_max(m_new), PFPO_D2_MIN);  // fmaxf drops a NaN
   const float c = device_exp2(d);
   u = c * (u + d * s);
   s = c * s;
   m = m_new;
+  return c;
 }
 
 // Add K elements whose max (with st.m) is m_new: one re-base, then per element one
 // FFMA, one ex2, three adds (s, u, sum_x) and the clamp of u's factor (-inf logits).
-template <int K>
-PFPO_HD void update2_k(State& st, const float (&x)[K], float m_new) {
-  rebase2(st.m, st.s, st.u, m_new);
+// SQ: q2 = sum 2^(2 d2) rides along (SqState), one FFMA more per element.
+template <int K, bool SQ>
+PFPO_HD void update2_k_q(State& st, float& q, const float (&x)[K], float m_new) {
+  const float c = rebase2(st.m, st.s, st.u, m_new);
+  if (SQ) q *= c * c;
   const float m2 = scaled_max(st.m);  // finite: the pass starts from fast_empty_state
 PFPO_UNROLL
   for (int k = 0; k < K; ++k) {
@@ -285,8 +291,15 @@ PFPO_UNROLL
     const float e = device_exp2(d2);
     st.s += e;
     st.u = fmaf(e, pfpo_max(d2, PFPO_D2_MIN), st.u);  // a -inf logit: e = 0, adds 0 (not 0 * -inf)
+    if (SQ) q = fmaf(e, e, q);
     st.sum_x += x[k];
   }
+}
+
+template <int K>
+PFPO_HD void update2_k(State& st, const float (&x)[K], float m_new) {
+  float unused = 0.0f;
+  update2_k_q<K, false>(st, unused, x, m_new);
 }
 
 // Add K elements (their max taken here).
@@ -319,6 +332,63 @@ PFPO_HD Stats finalize2(State st) {
   const float l2 = log2f(st.s);
   return Stats{pfpo_max(l2 - c, 0.0f) * PFPO_LN2, pfpo_max(l2 - st.u / st.s, 0.0f) * PFPO_LN2};
 }
+
+// ---------------------------------------------------------------- WPO's statistic
+// log sum_v p_v^2 = log q - 2 log s with q = sum exp(2 (x - m)): one accumulator more on
+// the same exp (e^2), re-based by the square of a state's factor. In base 2 the fast
+// pass keeps q2 = sum 2^(2 d2) = 2^(2c) q, and the row's rounding c of m2 cancels:
+// log sum p^2 = ln2 (log2 q2 - 2 log2 s2). q >= 1 (the max element), so it never
+// underflows; an undefined row gets NaN through log s.
+struct SqState {
+  State st;
+  float q;
+};
+
+template <int K>
+PFPO_HD void update_k(SqState& a, const float (&x)[K]) {
+  update_k_q<K, true>(a.st, a.q, x);
+}
+
+template <int K>
+PFPO_HD void update2_k(SqState& a, const float (&x)[K], float m_new) {
+  update2_k_q<K, true>(a.st, a.q, x, m_new);
+}
+
+PFPO_HD SqState merge(SqState a, SqState b) {
+  const float m = pfpo_max(a.st.m, b.st.m);
+  const float ca = rebase(a.st.m, a.st.s, a.st.u, m), cb = rebase(b.st.m, b.st.s, b.st.u, m);
+  const State st{m, a.st.s + b.st.s, a.st.u + b.st.u, a.st.sum_x + b.st.sum_x, a.st.nan + b.st.nan};
+  return SqState{st, a.q * ca * ca + b.q * cb * cb};
+}
+
+PFPO_HD SqState merge2(SqState a, SqState b) {
+  const float m = pfpo_max(a.st.m, b.st.m);
+  const float ca = rebase2(a.st.m, a.st.s, a.st.u, m), cb = rebase2(b.st.m, b.st.s, b.st.u, m);
+  const State st{m, a.st.s + b.st.s, a.st.u + b.st.u, a.st.sum_x + b.st.sum_x, 0.0f};
+  return SqState{st, a.q * ca * ca + b.q * cb * cb};
+}
+
+// log sum p^2 of an exact (natural-units) state, given its finalize()d log s.
+PFPO_HD float log_sum_sq(const SqState& a, Stats f) { return logf(a.q) - 2.0f * f.log_s; }
+
+// log sum p^2 of a plain row's base-2 state (fast_state_ok(a.st)).
+PFPO_HD float log_sum_sq2(const SqState& a) { return (log2f(a.q) - 2.0f * log2f(a.st.s)) * PFPO_LN2; }
+
+// The plain State of either kind, and the empty states of the two passes.
+PFPO_HD State& base_state(State& st) { return st; }
+PFPO_HD State& base_state(SqState& a) { return a.st; }
+template <typename S>
+PFPO_HD S empty_of();
+template <>
+PFPO_HD State empty_of<State>() { return empty_state(); }
+template <>
+PFPO_HD SqState empty_of<SqState>() { return SqState{empty_state(), 0.0f}; }
+template <typename S>
+PFPO_HD S fast_empty_of();
+template <>
+PFPO_HD State fast_empty_of<State>() { return fast_empty_state(); }
+template <>
+PFPO_HD SqState fast_empty_of<SqState>() { return SqState{fast_empty_state(), 0.0f}; }
 
 // The backward's per-element map in base 2: -g p = g' 2^fma(x, log2e, -k_hi). k_hi + k_lo
 // = (m + log s) log2e, split in double once per row, and g' = -g 2^-k_lo carries the low

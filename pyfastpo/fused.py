@@ -48,10 +48,11 @@ def fused_preference_loss(
         ld_alpha: LD-DPO (trl's ``ld_alpha``): each completion's tokens past the
             shorter completion of its pair weigh ``ld_alpha`` in the policy's and the
             reference logits' log-probs (:func:`pyfastpo.ld_token_weights`; precomputed
-            reference log-probs must be weighted the same way); None: off.
+            reference log-probs must be weighted the same way); None: off. The NLL terms
+            and WPO's weights read the plain log-probs, as in trl.
         use_weighting: WPO (trl's ``use_weighting``): each pair's loss is weighted by
             :func:`pyfastpo.wpo_pair_weights`, from ``log sum_v p_v^2`` computed in the
-            policy's pass (a backend with that statistic; ``"auto"`` picks one).
+            policy's pass.
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies
@@ -61,7 +62,7 @@ def fused_preference_loss(
     # pass over multi-GB logits costs real time before an error would surface).
     check_logits_labels(logits, labels, ignore_index)
     check_pairs(logits.shape[0])
-    get_backend(backend, logits.device, logits.dtype, log_sum_sq=use_weighting is True)
+    get_backend(backend, logits.device, logits.dtype)
     if ref_logits is not None:
         check_reference_input("ref_logits", ref_logits, "logits", logits, ref_chosen_logps, ref_rejected_logps)
         check_logits_labels(ref_logits, labels, ignore_index, name="ref_logits")

@@ -30,7 +30,7 @@ from .pairs import (
     pair_loss_from_stats,
     wpo_pair_weights,
 )
-from .sequence_logps import IGNORE_INDEX, SequenceLogps, first_order_only, reduce_tokens
+from .sequence_logps import IGNORE_INDEX, SequenceLogps, first_order_only, reduce_tokens, token_grad_scale
 from .validation import (
     FLOAT_DTYPES,
     check_flags,
@@ -118,9 +118,10 @@ def _linear_op(
     chunk: int,
     proj: torch.dtype,
     with_log_sum_sq: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logps, num_tokens, entropy, mean_logits, log_sum_sq, saved)``, ``saved`` the ``[2, N, T]`` row
-    max and log-sum the backward reads: a custom op, opaque to torch.compile (its
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logps, num_tokens, entropy, mean_logits, log_sum_sq, saved, unweighted_logps)`` (as
+    :func:`pyfastpo.sequence_logps.reduce_tokens`), ``saved`` the ``[2, N, T]`` row max and
+    log-sum the backward reads: a custom op, opaque to torch.compile (its
     ``nonzero`` and chunk loop are data-dependent). Label values are checked first."""
     n, t, _ = hidden.shape
     vocab = weight.shape[0]
@@ -146,27 +147,29 @@ def _linear_op(
     per_seq = torch.zeros(fields, n, t, dtype=cdtype, device=hidden.device)
     per_seq[:, n_idx, t_idx] = stats  # unique positions: deterministic, no atomics
     num_tokens = (labels != ignore_index).sum(dim=1)
-    logps, entropy, mean_logits, log_sum_sq = reduce_tokens(TokenStats(*per_seq), num_tokens, vocab, token_weights)
-    return logps, num_tokens, entropy, mean_logits, log_sum_sq, per_seq[1:3].clone()
+    logps, entropy, mean_logits, log_sum_sq, unweighted = reduce_tokens(
+        TokenStats(*per_seq), num_tokens, vocab, token_weights
+    )
+    return logps, num_tokens, entropy, mean_logits, log_sum_sq, per_seq[1:3].clone(), unweighted
 
 
 @_linear_op.register_fake
 def _(hidden, weight, bias, labels, token_weights, ignore_index, backend, chunk, proj, with_log_sum_sq):
     n, t, _ = hidden.shape
     cdtype = torch.promote_types(hidden.dtype, torch.float32)
-    per_seq = [hidden.new_empty(n, dtype=cdtype) for _ in range(4)]
+    per_seq = [hidden.new_empty(n, dtype=cdtype) for _ in range(5)]
     num_tokens = labels.new_empty(n, dtype=torch.int64)
-    return per_seq[0], num_tokens, per_seq[1], per_seq[2], per_seq[3], hidden.new_empty(2, n, t, dtype=cdtype)
+    saved = hidden.new_empty(2, n, t, dtype=cdtype)
+    return per_seq[0], num_tokens, per_seq[1], per_seq[2], per_seq[3], saved, per_seq[4]
 
 
 @torch.library.custom_op("pyfastpo::linear_sequence_logps_backward", mutates_args=(), **_synchronizing_op_tags())
 def _linear_backward_op(
-    grad_logps: torch.Tensor,
+    grad_scale: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    token_weights: torch.Tensor | None,
     saved: torch.Tensor,
     ignore_index: int,
     backend: str,
@@ -176,7 +179,9 @@ def _linear_backward_op(
     need_w: bool,
     need_b: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_hidden, grad_weight, grad_bias)``; an empty tensor for each one not needed."""
+    """``(grad_hidden, grad_weight, grad_bias)``; an empty tensor for each one not needed.
+    ``grad_scale``: dLoss/dlogp per sequence ``[N]`` or per token ``[N, T]``
+    (:func:`pyfastpo.sequence_logps.token_grad_scale`)."""
     check_not_capturing(hidden, "the fused linear path")
     impl = backend_module(backend)
     n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
@@ -185,9 +190,8 @@ def _linear_backward_op(
     acc = log_sum.dtype  # float32 accumulation (float64 for float64 inputs)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
-    g_tok = grad_logps.to(acc)[n_idx]  # each token is its own length-1 sequence: a scale per token
-    if token_weights is not None:
-        g_tok = g_tok * token_weights.to(acc)[n_idx, t_idx]
+    # Each token is its own length-1 sequence: a scale per token.
+    g_tok = grad_scale.to(acc)[n_idx] if grad_scale.dim() == 1 else grad_scale.to(acc)[n_idx, t_idx]
     # The forward's projection, recomputed in the same dtype (autocast's when it was on), with
     # autocast off: the matmuls run in exactly that dtype whatever context the backward runs in.
     with torch.autocast(hidden.device.type, enabled=False):
@@ -220,7 +224,7 @@ def _linear_backward_op(
 
 
 @_linear_backward_op.register_fake
-def _(grad_logps, hidden, weight, bias, *rest):
+def _(grad_scale, hidden, weight, bias, *rest):
     need_h, need_w, need_b = rest[-3:]
     return (
         torch.empty_like(hidden) if need_h else hidden.new_empty(0),
@@ -233,21 +237,20 @@ def _linear_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, token_weights, ignore_index, backend, chunk, proj, _ = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, token_weights, output[5])
     ctx.ignore_index, ctx.backend, ctx.chunk, ctx.proj = ignore_index, backend, chunk, proj
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.mark_non_differentiable(*output[1:6])  # logps and unweighted_logps carry gradients
 
 
-def _linear_autograd(ctx, grad_logps, *_):
+def _linear_autograd(ctx, grad_logps, *grads):
     """The linear path's backward, wired once, for eager and compiled code alike."""
     hidden, weight, bias, labels, token_weights, saved = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
     with torch.no_grad():
         grads = _linear_backward_op(
-            grad_logps,
+            token_grad_scale(grad_logps, grads[-1], token_weights, saved.dtype),
             hidden,
             weight,
             bias,
             labels,
-            token_weights,
             saved,
             ctx.ignore_index,
             ctx.backend,
@@ -327,13 +330,18 @@ def linear_sequence_logps(
     check_token_weights(token_weights, labels)
     check_flags(return_entropy=return_entropy, return_log_sum_sq=return_log_sum_sq)
     proj = projection_dtype(hidden.device.type, hidden.dtype)
-    impl = get_backend(backend, hidden.device, proj, log_sum_sq=return_log_sum_sq)
+    impl = get_backend(backend, hidden.device, proj)
     chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
-    logps, num_tokens, entropy, mean_logits, sq, _ = _linear_op(
+    logps, num_tokens, entropy, mean_logits, sq, _, unweighted = _linear_op(
         hidden, weight, bias, labels, token_weights, int(ignore_index), impl.name, chunk, proj, return_log_sum_sq
     )
     return SequenceLogps(
-        logps, num_tokens, entropy if return_entropy else None, mean_logits, sq if return_log_sum_sq else None
+        logps,
+        num_tokens,
+        entropy if return_entropy else None,
+        mean_logits,
+        sq if return_log_sum_sq else None,
+        unweighted if token_weights is not None else None,
     )
 
 
@@ -382,7 +390,7 @@ def linear_preference_loss(
     _check_linear(hidden, weight, bias, labels, ignore_index)
     check_pairs(hidden.shape[0], "hidden")
     proj = projection_dtype(hidden.device.type, hidden.dtype)
-    get_backend(backend, hidden.device, proj, log_sum_sq=use_weighting is True)
+    get_backend(backend, hidden.device, proj)
     _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
     if ref_hidden is not None:
         check_reference_input("ref_hidden", ref_hidden, "hidden", hidden, ref_chosen_logps, ref_rejected_logps)

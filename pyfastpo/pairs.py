@@ -43,10 +43,9 @@ class FusedPreferenceLossOutput(NamedTuple):
     reference: SequenceLogps | None
 
 
-def check_use_weighting(use_weighting, ld_alpha, loss_type, options: dict) -> None:
+def check_use_weighting(use_weighting, loss_type, options: dict) -> None:
     """WPO (``use_weighting``): a flag; not with the batch-sorting AOT losses (trl refuses
-    them too), with LD-DPO (its weights read the unweighted log-probs) or with explicit
-    ``pair_weights``."""
+    them too) or with explicit ``pair_weights``."""
     if not isinstance(use_weighting, bool):
         raise ValueError(f"use_weighting must be True or False, got {use_weighting!r}")
     if not use_weighting:
@@ -56,42 +55,31 @@ def check_use_weighting(use_weighting, ld_alpha, loss_type, options: dict) -> No
         raise ValueError(
             "use_weighting=True (WPO) needs a per-pair loss; 'aot' and 'aot_unpaired' sort across the batch"
         )
-    if ld_alpha is not None:
-        raise ValueError(
-            "use_weighting=True with ld_alpha is not supported: WPO's weights read the unweighted log-probs"
-        )
     if options.get("pair_weights") is not None:
         raise ValueError("use_weighting=True computes pair_weights itself; pass one or the other")
 
 
-def check_ld_alpha(ld_alpha, loss_type, options: dict) -> None:
-    """``ld_alpha`` (None: off) in [0, 1], and not with the terms that need the unweighted
-    log-probs: trl's ``sft`` loss type (a plain cross-entropy in trl, also under LD-DPO),
-    ``nll_weight`` and ``sft_weight`` (an NLL of the completion as it is)."""
+def check_ld_alpha(ld_alpha) -> None:
+    """``ld_alpha``: None (off) or a number in [0, 1]. The NLL terms (trl's ``sft`` type,
+    ``nll_weight``, ``sft_weight``) and WPO's weights keep reading the plain log-probs
+    (``SequenceLogps.unweighted_logps``), as in trl."""
     if ld_alpha is None:
         return
     ok = not isinstance(ld_alpha, bool) and isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0
     if not ok:
         raise ValueError(f"ld_alpha must be a number in [0, 1] (1: plain DPO, 0: shared length only), got {ld_alpha!r}")
-    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    unweighted = ["loss_type='sft'"] * ("sft" in types)
-    unweighted += [name for name in ("nll_weight", "sft_weight") if options.get(name)]
-    if unweighted:
-        raise ValueError(
-            f"ld_alpha weights the log-probs, but {unweighted} need the unweighted ones (an NLL of the "
-            "completion as it is); this combination is not supported"
-        )
 
 
 def wpo_pair_weights(policy: SequenceLogps) -> torch.Tensor:
     """WPO's per-pair weights ``[N/2]`` (Zhou et al. 2024, Eq. 2, as trl 1.13's
     ``use_weighting``), constants: each sequence's weight is ``exp`` of the mean over its
     completion tokens of ``log p(y_t) - log sum_v p_v^2``, and a pair's is the product of
-    its chosen and rejected weights. ``policy`` must carry ``log_sum_sq`` (and unweighted
-    ``logps``)."""
+    its chosen and rejected weights. ``policy`` must carry ``log_sum_sq``; the plain
+    log-probs are read (``unweighted_logps`` under LD-DPO's token weights, as trl does)."""
     if policy.log_sum_sq is None:
         raise ValueError("WPO's weights need the policy's log_sum_sq (return_log_sum_sq=True)")
-    mean = (policy.logps - policy.log_sum_sq) / policy.num_tokens.clamp_min(1).to(policy.logps.dtype)
+    logps = policy.logps if policy.unweighted_logps is None else policy.unweighted_logps
+    mean = (logps - policy.log_sum_sq) / policy.num_tokens.clamp_min(1).to(logps.dtype)
     chosen, rejected = torch.exp(mean.detach()).chunk(2)
     return chosen * rejected
 
@@ -105,7 +93,7 @@ def ld_token_weights(labels: torch.Tensor, ld_alpha: float, ignore_index: int = 
     0 keeps only the shared length. ``labels``: ``[N, T]``, completion tokens not
     ``ignore_index``.
     """
-    check_ld_alpha(ld_alpha, "sigmoid", {})
+    check_ld_alpha(ld_alpha)
     check_pairs(labels.shape[0], "labels")
     valid = labels != ignore_index
     position = valid.cumsum(dim=1)  # 1-based index among the row's completion tokens
@@ -154,8 +142,8 @@ def check_pair_loss_arguments(
             "reference_free=True takes the reference log-probs as 0 and no loss type here reads the "
             "reference's entropies (only the Mallows losses do): pass no reference inputs"
         )
-    check_ld_alpha(ld_alpha, loss_type, loss_kwargs)
-    check_use_weighting(use_weighting, ld_alpha, loss_type, loss_kwargs)
+    check_ld_alpha(ld_alpha)
+    check_use_weighting(use_weighting, loss_type, loss_kwargs)
     check_loss_kwargs(
         loss_type,
         loss_kwargs,
@@ -187,6 +175,8 @@ def pair_loss_from_stats(
     chosen_tokens, rejected_tokens = policy.num_tokens.chunk(2)
     # Computed here; the entry points refuse them as user arguments (check_loss_kwargs).
     loss_kwargs.update(chosen_num_tokens=chosen_tokens, rejected_num_tokens=rejected_tokens, vocab_size=vocab_size)
+    if policy.unweighted_logps is not None:  # LD-DPO: the NLL terms read the plain log-probs
+        loss_kwargs["chosen_nll_logps"] = policy.unweighted_logps.chunk(2)[0]
     out: PreferenceLossOutput = preference_loss(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_type, **loss_kwargs
     )

@@ -31,6 +31,9 @@ class SequenceLogps(NamedTuple):
         with no valid token); TRL's ``logits/chosen`` metric is its token-weighted mean.
     log_sum_sq: summed per-token ``log sum_v p_v^2`` over valid tokens, from the same
         pass (WPO's weight); None unless ``return_log_sum_sq``. Not differentiable.
+    unweighted_logps: with ``token_weights``, the plain sum of the valid tokens'
+        log-probs (differentiable too: what an NLL term or WPO's weight reads under
+        LD-DPO); else None (``logps`` is that sum).
     """
 
     logps: torch.Tensor
@@ -38,17 +41,35 @@ class SequenceLogps(NamedTuple):
     entropy: torch.Tensor | None
     mean_logits: torch.Tensor
     log_sum_sq: torch.Tensor | None = None
+    unweighted_logps: torch.Tensor | None = None
 
 
 def reduce_tokens(stats: TokenStats, num_tokens: torch.Tensor, vocab: int, token_weights=None):
-    """Per-sequence ``(logps, entropy, mean_logits, log_sum_sq)``, each ``[N]``, from per-token
-    stats ``[N, T]`` (zero at ignored tokens): sums over T in a fixed order (deterministic).
-    ``token_weights`` ``[N, T]`` (optional) weight each token's log-prob in ``logps``;
-    ``log_sum_sq`` is zeros when the stats lack it."""
+    """Per-sequence ``(logps, entropy, mean_logits, log_sum_sq, unweighted_logps)``, each
+    ``[N]``, from per-token stats ``[N, T]`` (zero at ignored tokens): sums over T in a fixed
+    order (deterministic). ``token_weights`` ``[N, T]`` (optional) weight each token's
+    log-prob in ``logps``; ``unweighted_logps`` is the plain sum (zeros without weights, where
+    it would repeat ``logps``); ``log_sum_sq`` is zeros when the stats lack it."""
     denom = (num_tokens * vocab).clamp_min(1).to(stats.sum_logits.dtype)
-    logp = stats.logp if token_weights is None else stats.logp * token_weights.to(stats.logp.dtype)
+    plain = stats.logp.sum(dim=1)
+    if token_weights is None:
+        logps, unweighted = plain, torch.zeros_like(plain)
+    else:
+        logps, unweighted = (stats.logp * token_weights.to(stats.logp.dtype)).sum(dim=1), plain
     sq = stats.log_sum_sq.sum(dim=1) if stats.log_sum_sq is not None else torch.zeros_like(denom)
-    return logp.sum(dim=1), stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom, sq
+    return logps, stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom, sq, unweighted
+
+
+def token_grad_scale(grad_logps, grad_unweighted, token_weights, dtype: torch.dtype) -> torch.Tensor:
+    """The contiguous gradient scale the backends take: ``[N]`` per sequence, or ``[N, T]``
+    per token with ``token_weights`` (d logps / d logp_t = w_t, d unweighted_logps /
+    d logp_t = 1). A gradient autograd did not compute is None or zeros."""
+    grad_scale = grad_logps.to(dtype)
+    if token_weights is not None:
+        grad_scale = grad_scale[:, None] * token_weights.to(dtype)
+        if grad_unweighted is not None:
+            grad_scale = grad_scale + grad_unweighted.to(dtype)[:, None]
+    return grad_scale.contiguous()
 
 
 def run_backward(impl, logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:
@@ -130,10 +151,10 @@ def _sequence_logps_op(
     backend: str,
     inplace_backward: bool,
     with_log_sum_sq: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logps, num_tokens, entropy, mean_logits, log_sum_sq, saved)``: the per-sequence
-    results (``log_sum_sq`` zeros unless ``with_log_sum_sq``) and the ``[2, N, T]`` row max
-    and log-sum the backward reads. Raises ValueError for a label
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logps, num_tokens, entropy, mean_logits, log_sum_sq, saved, unweighted_logps)``: the
+    per-sequence results (:func:`reduce_tokens`) and the ``[2, N, T]`` row max and log-sum the
+    backward reads. Raises ValueError for a label
     outside ``[0, V)`` before any kernel runs (:func:`check_label_values`)."""
     check_label_values(labels, logits.shape[-1], ignore_index)
     impl = backend_module(backend)
@@ -143,17 +164,18 @@ def _sequence_logps_op(
         else impl.forward(logits, labels, ignore_index)
     )
     num_tokens = (labels != ignore_index).sum(dim=1)
-    logps, entropy, mean_logits, sq = reduce_tokens(stats, num_tokens, logits.shape[-1], token_weights)
-    return logps, num_tokens, entropy, mean_logits, sq, torch.stack((stats.row_max, stats.log_sum))
+    logps, entropy, mean_logits, sq, unweighted = reduce_tokens(stats, num_tokens, logits.shape[-1], token_weights)
+    return logps, num_tokens, entropy, mean_logits, sq, torch.stack((stats.row_max, stats.log_sum)), unweighted
 
 
 @_sequence_logps_op.register_fake
 def _(logits, labels, token_weights, ignore_index, backend, inplace_backward, with_log_sum_sq):
     n, t, _ = logits.shape
     dtype = stat_dtype(logits.dtype)
-    per_seq = [logits.new_empty(n, dtype=dtype) for _ in range(4)]
+    per_seq = [logits.new_empty(n, dtype=dtype) for _ in range(5)]
     num_tokens = labels.new_empty(n, dtype=torch.int64)
-    return per_seq[0], num_tokens, per_seq[1], per_seq[2], per_seq[3], logits.new_empty(2, n, t, dtype=dtype)
+    saved = logits.new_empty(2, n, t, dtype=dtype)
+    return per_seq[0], num_tokens, per_seq[1], per_seq[2], per_seq[3], saved, per_seq[4]
 
 
 @torch.library.custom_op("pyfastpo::sequence_logps_backward", mutates_args=())
@@ -198,16 +220,13 @@ def _setup_context(ctx, inputs, output):
     logits, labels, token_weights, ignore_index, backend, inplace_backward, with_log_sum_sq = inputs
     ctx.save_for_backward(logits, labels, output[5], token_weights)
     ctx.ignore_index, ctx.backend, ctx.inplace = ignore_index, backend, inplace_backward
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.mark_non_differentiable(*output[1:6])  # logps and unweighted_logps carry gradients
 
 
-def _backward(ctx, grad_logps, *_):
+def _backward(ctx, grad_logps, *grads):
     logits, labels, saved, token_weights = ctx.saved_tensors
     with torch.no_grad():
-        grad_scale = grad_logps.to(saved.dtype)
-        if token_weights is not None:  # d logps / d logp_t = w_t: a scale per token
-            grad_scale = grad_scale[:, None] * token_weights.to(saved.dtype)
-        grad_scale = grad_scale.contiguous()
+        grad_scale = token_grad_scale(grad_logps, grads[-1], token_weights, saved.dtype)
         args = (labels, saved, grad_scale, ctx.ignore_index, ctx.backend)
         if ctx.inplace:
             # The op bumps the logits' version: any other saved use of them fails loudly.
@@ -277,10 +296,9 @@ def sequence_logps(
         token_weights: optional ``[N, T]`` floating weights of each token's log-prob
             in ``logps`` (LD-DPO's length desensitization, for example: see
             :func:`pyfastpo.ld_token_weights`); the gradient follows. Entropy and
-            mean logits stay unweighted.
+            mean logits stay unweighted; ``unweighted_logps`` holds the plain sum.
         return_log_sum_sq: also return the summed per-token ``log sum_v p_v^2``
-            (WPO's weight), computed in the same pass (backends with ``LOG_SUM_SQ``;
-            ``"auto"`` picks one).
+            (WPO's weight), computed in the same pass by every backend.
 
     Returns:
         :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``.
@@ -288,11 +306,16 @@ def sequence_logps(
     labels = check_logits_labels(logits, labels, ignore_index)
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward, return_log_sum_sq=return_log_sum_sq)
     check_token_weights(token_weights, labels)
-    impl = get_backend(backend, logits.device, logits.dtype, log_sum_sq=return_log_sum_sq)
+    impl = get_backend(backend, logits.device, logits.dtype)
     inplace = inplace_backward and can_overwrite(logits)
-    logps, num_tokens, entropy, mean_logits, sq, _ = _sequence_logps_op(
+    logps, num_tokens, entropy, mean_logits, sq, _, unweighted = _sequence_logps_op(
         logits, labels, token_weights, int(ignore_index), impl.name, inplace, return_log_sum_sq
     )
     return SequenceLogps(
-        logps, num_tokens, entropy if return_entropy else None, mean_logits, sq if return_log_sum_sq else None
+        logps,
+        num_tokens,
+        entropy if return_entropy else None,
+        mean_logits,
+        sq if return_log_sum_sq else None,
+        unweighted if token_weights is not None else None,
     )

@@ -154,7 +154,7 @@ def test_cuda_extension_built_and_clear_without_gpu():
     with pytest.raises(RuntimeError, match="no CUDA device"):
         _cuda.device_count()
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _cuda.forward(0, 0, 1, 1, 1, 1, 1, 0, -100, 0, 0, 0)
+        _cuda.forward(0, 0, 1, 1, 1, 1, 1, 0, -100, 0, False, 0, 0)
     assert cuda_backend.unavailable_reason(torch.device("cuda")) is not None
     with pytest.raises(ValueError, match="not available"):
         pyfastpo.sequence_logps(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long), backend="cuda")

@@ -19,15 +19,16 @@ EXP_LO = -87.33654  # PFPO_EXP_LO in csrc/logps_math.h
 UNROLL = 4  # kUnroll in csrc/cuda_logps.cu: 16-byte vectors per step of a thread
 
 
-def device_forward(row: torch.Tensor, y: int, threads: int, offset: int = 0) -> list[float]:
+def device_forward(row: torch.Tensor, y: int, threads: int, offset: int = 0, log_sum_sq: bool = False) -> list[float]:
     """The emulated kernel on ``row`` placed ``offset`` floats past a 16-byte boundary
-    (the kernel peels the elements before the next boundary)."""
+    (the kernel peels the elements before the next boundary); ``log_sum_sq``: WPO's
+    instantiation, one value more at the end."""
     buf = torch.empty(row.numel() + 8, dtype=torch.float32)
     base = (-(buf.data_ptr() // 4)) % 4  # first 16-byte aligned element of buf
     view = buf[base + offset : base + offset + row.numel()]
     view.copy_(row.float())
     assert view.data_ptr() % 16 == 4 * offset
-    return _C.emulate_device_forward(view.data_ptr(), view.numel(), y, threads)
+    return _C.emulate_device_forward(view.data_ptr(), view.numel(), y, threads, log_sum_sq)
 
 
 def host_forward(row: torch.Tensor, y: int) -> list[float]:
@@ -152,6 +153,27 @@ def test_fast_pass_precision(name):
     assert dev[2] == pytest.approx(float(log_s), rel=1e-6, abs=1e-6)
     assert dev[3] == pytest.approx(float(entropy), rel=1e-6, abs=1e-6)
     assert dev[0] == pytest.approx(float(x[1] - m - log_s), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("threads,offset", [(128, 0), (512, 0), (256, 3)])
+@pytest.mark.parametrize("name", list(ROWS))
+def test_wpo_statistic_on_the_device(name, threads, offset):
+    """The WPO instantiation (q beside the state, both passes): its first six outputs are
+    the plain kernel's, bit for bit; log sum p^2 matches float64 where the row is defined
+    (at any offset the fast pass takes: c cancels), NaN where it is not, and the host's."""
+    row = ROWS[name]
+    y = 1 if name != "huge finite of both signs" else 0
+    plain = device_forward(row, y, threads, offset)
+    *first, sq = device_forward(row, y, threads, offset, log_sum_sq=True)
+    assert first == pytest.approx(plain, rel=0, abs=0, nan_ok=True), "the plain statistics are unchanged"
+    host = float(cpp_backend.forward(row.float().view(1, 1, -1), torch.tensor([[y]]), -100, log_sum_sq=True)[5])
+    if name in ("all -inf", "+inf", "NaN"):
+        assert sq != sq and host != host
+        return
+    x = row.double()
+    truth = float(torch.logsumexp(2 * torch.log_softmax(x, -1), -1))
+    assert sq == pytest.approx(truth, rel=2e-6, abs=2e-6), (sq, truth)
+    assert sq == pytest.approx(host, rel=2e-6, abs=2e-6)
 
 
 @pytest.mark.parametrize("v", [1, 2, 3])

@@ -107,6 +107,85 @@ def test_ld_alpha_weights_policy_and_reference(entry):
     torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unweighted_logps_beside_the_weighted_ones(backend):
+    """With token_weights, ``unweighted_logps`` is the plain sum, and a loss reading both
+    gets both gradients (per-token scale g_w w_t + g_u), in one backward."""
+    g, labels, weights = make(seed=3)
+    labels, weights = labels.to(DEVICE), weights.to(DEVICE)
+    base = torch.randn(4, 9, V, generator=g).to(DEVICE).requires_grad_()
+    out = pyfastpo.sequence_logps(base * 1, labels, backend=backend, token_weights=weights)
+    up_w, up_u = torch.randn(4, generator=g).to(DEVICE), torch.randn(4, generator=g).to(DEVICE)
+    ((out.logps * up_w).sum() + (out.unweighted_logps * up_u).sum()).backward()
+    ref = base.detach().double().requires_grad_()
+    want_w, want_u = oracle_logps(ref, labels, weights), oracle_logps(ref, labels, torch.ones_like(weights))
+    ((want_w * up_w.double()).sum() + (want_u * up_u.double()).sum()).backward()
+    torch.testing.assert_close(out.unweighted_logps.double(), want_u, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(base.grad.double(), ref.grad, rtol=1e-5, atol=1e-6)
+    assert pyfastpo.sequence_logps(base.detach(), labels, backend=backend).unweighted_logps is None
+
+
+def ld_loss_by_hand(logits, ref, labels, alpha, loss_type, **kw):
+    """LD-DPO's loss as trl 1.13 computes it, from float64 log_softmax: the pair terms on the
+    weighted log-probs, trl's ``sft`` (and pyfastpo's nll_weight / sft_weight) on the plain
+    chosen ones, WPO's weights from the plain per-token log-probs."""
+    valid = labels != -100
+    w = ld_weights_by_hand(labels, alpha).double()
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0] * valid
+    ref_logp = torch.log_softmax(ref.double(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0] * valid
+    pol, rf, plain = (logp * w).sum(1), (ref_logp * w).sum(1), logp.sum(1)
+    n = valid.sum(1).double()
+    h = 0.1 * ((pol[:2] - rf[:2]) - (pol[2:] - rf[2:]))
+    losses = -torch.nn.functional.logsigmoid(h)
+    if loss_type == ["sigmoid", "sft"]:
+        losses = losses + (-plain[:2].sum() / n[:2].sum())
+    losses = losses + kw.get("nll_weight", 0.0) * (-plain[:2] / n[:2]) + kw.get("sft_weight", 0.0) * (-plain[:2])
+    if kw.get("use_weighting"):
+        lsq = torch.logsumexp(2 * torch.log_softmax(logits.double(), -1), -1)
+        mean = ((logp - lsq * valid).sum(1) / n).detach()
+        losses = losses * (torch.exp(mean[:2]) * torch.exp(mean[2:]))
+    return losses.mean()
+
+
+LD_COMBINATIONS = {
+    "sft type": dict(loss_type=["sigmoid", "sft"]),
+    "nll_weight": dict(nll_weight=0.7),
+    "sft_weight": dict(sft_weight=0.3),
+    "use_weighting": dict(use_weighting=True),
+}
+
+
+@pytest.mark.parametrize("entry", ["fused", "linear"])
+@pytest.mark.parametrize("name", list(LD_COMBINATIONS))
+def test_ld_alpha_with_the_terms_that_read_plain_logps(entry, name):
+    """ld_alpha with trl's ``sft`` type, nll_weight, sft_weight and WPO: each reads the plain
+    log-probs (as trl does), the pair loss the weighted ones; value and gradient."""
+    g, labels, _ = make(seed=4)
+    kw = dict(LD_COMBINATIONS[name])
+    loss_type = kw.pop("loss_type", "sigmoid")
+    alpha = 0.3
+    if entry == "fused":
+        logits = torch.randn(4, 9, V, generator=g, requires_grad=True)
+        ref = torch.randn(4, 9, V, generator=g)
+        out = pyfastpo.fused_preference_loss(
+            logits * 1, labels, ref_logits=ref, ld_alpha=alpha, loss_type=loss_type, backend="cpp", **kw
+        )
+        leaf, x, x_ref = logits, logits.detach().double().requires_grad_(), ref
+        want = ld_loss_by_hand(x, x_ref, labels, alpha, loss_type, **kw)
+    else:
+        hidden = torch.randn(4, 9, 8, generator=g, requires_grad=True)
+        ref_hidden, weight = torch.randn(4, 9, 8, generator=g), torch.randn(V, 8, generator=g)
+        out = pyfastpo.linear_preference_loss(
+            hidden, weight, labels, ref_hidden=ref_hidden, ld_alpha=alpha, loss_type=loss_type, backend="cpp", **kw
+        )
+        leaf, x = hidden, hidden.detach().double().requires_grad_()
+        want = ld_loss_by_hand(x @ weight.double().t(), ref_hidden @ weight.t(), labels, alpha, loss_type, **kw)
+    out.loss.backward()
+    want.backward()
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), x.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_token_weights_and_ld_alpha_are_refused():
     _, labels, weights = make()
     logits = torch.randn(4, 9, V)
@@ -116,9 +195,6 @@ def test_bad_token_weights_and_ld_alpha_are_refused():
         pyfastpo.sequence_logps(logits, labels, token_weights=labels)
     with pytest.raises(ValueError, match=r"token_weights are constants"):
         pyfastpo.sequence_logps(logits, labels, token_weights=weights.requires_grad_())
-    for kwargs in (dict(loss_type="sft"), dict(nll_weight=0.5), dict(sft_weight=0.5)):
-        with pytest.raises(ValueError, match="need the unweighted ones"):
-            pyfastpo.fused_preference_loss(logits, labels, ld_alpha=0.5, **kwargs)
     with pytest.raises(ValueError, match="pass no reference inputs"):
         pyfastpo.fused_preference_loss(logits, labels, ref_logits=logits, reference_free=True)
     for bad in (-0.1, 1.5, float("nan"), True):

@@ -242,7 +242,6 @@ UNSUPPORTED = {
     "reference_free": dict(reference_free=True, precompute_ref_log_probs=True),
     "reference_free:with ref_model": dict(reference_free=True),  # the test passes a ref_model
     "ld_alpha:range": dict(ld_alpha=1.5),
-    "ld_alpha:with sft": dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
     "use_weighting:with aot": dict(use_weighting=True, loss_type="aot"),
     "padding_free": dict(padding_free=True),
     "pyfastpo_backend": dict(pyfastpo_backend="cuda" if not torch.cuda.is_available() else "nope"),
@@ -389,6 +388,9 @@ TRL_OPTIONS = {
     "ld_dpo": dict(ld_alpha=0.5),
     "ld_dpo_precomputed": dict(ld_alpha=0.2, precompute_ref_log_probs=True),
     "ld_dpo_ipo": dict(ld_alpha=0.5, loss_type="ipo"),
+    # trl's sft stays a plain cross-entropy under ld_alpha; WPO's weights read the plain log-probs.
+    "ld_dpo_sft": dict(ld_alpha=0.5, loss_type=["sigmoid", "sft"]),
+    "ld_dpo_wpo": dict(ld_alpha=0.5, use_weighting=True),
     "wpo": dict(use_weighting=True),
     # (trl 1.13's own use_weighting fails with "hinge": its in-place `*=` on relu's output.)
     "wpo_ipo_robust": dict(
@@ -460,6 +462,7 @@ NOT_CONFIG = {
     "dispersion": "a per-pair tensor; the trainer derives it from the reference entropies",
     "gamma": "a shorthand for focal_gamma / simpo_gamma, which are config fields",
     "pair_weights": "a per-pair tensor; use_weighting=True computes WPO's",
+    "chosen_nll_logps": "computed in the policy's pass (the plain log-probs under ld_alpha)",
 }
 
 

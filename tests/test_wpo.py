@@ -1,5 +1,5 @@
 """WPO: the per-token statistic ``log sum_v p_v^2`` from the streaming pass, on every
-backend that computes it, against float64; and the per-pair weights against trl 1.13's
+backend, against float64; and the per-pair weights against trl 1.13's
 formula, written here."""
 
 from __future__ import annotations
@@ -8,14 +8,9 @@ import pytest
 import torch
 
 import pyfastpo
-from pyfastpo.backends import backend_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-WITH_STAT = [
-    b
-    for b in pyfastpo.available_backends(DEVICE)
-    if backend_module(b).LOG_SUM_SQ  # the others refuse it: test_backends_without_it_refuse
-]
+WITH_STAT = pyfastpo.available_backends(DEVICE)
 
 
 def make(n=4, t=7, v=53, seed=0, dtype=torch.float32):
@@ -102,19 +97,9 @@ def test_the_weights_are_constants():
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_backends_without_it_refuse():
-    logits, labels = make()
-    for name in pyfastpo.available_backends(DEVICE):
-        if not backend_module(name).LOG_SUM_SQ:
-            with pytest.raises(ValueError, match="does not compute log_sum_sq"):
-                pyfastpo.fused_preference_loss(logits, labels, backend=name, use_weighting=True)
-
-
 def test_bad_combinations_are_refused():
     logits, labels = make()
     with pytest.raises(ValueError, match="'aot' and 'aot_unpaired' sort across the batch"):
         pyfastpo.fused_preference_loss(logits, labels, loss_type="aot", use_weighting=True)
-    with pytest.raises(ValueError, match="WPO's weights read the unweighted log-probs"):
-        pyfastpo.fused_preference_loss(logits, labels, ld_alpha=0.5, use_weighting=True)
     with pytest.raises(ValueError, match="use_weighting must be True or False"):
         pyfastpo.fused_preference_loss(logits, labels, use_weighting=1)

@@ -111,26 +111,20 @@ def check_backend_available(name: str, device: torch.device | str | None = None)
         )
 
 
-def get_backend(name: str, device: torch.device, dtype: torch.dtype, log_sum_sq: bool = False) -> ModuleType:
-    """The backend module for ``name`` (or ``"auto"``) on tensors of ``device``/``dtype``;
-    with ``log_sum_sq``, one that computes that statistic (WPO): ``"auto"`` skips the others.
+def get_backend(name: str, device: torch.device, dtype: torch.dtype) -> ModuleType:
+    """The backend module for ``name`` (or ``"auto"``) on tensors of ``device``/``dtype``.
 
     Raises ValueError for an unknown name, or for a known backend that cannot run
-    here (or lacks the statistic), saying how to get it.
+    here, saying how to get it.
     """
     if name == "auto":
         if dtype not in KERNEL_DTYPES:
             return _module("reference")[0]
         for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
             if unavailable_reason(candidate, device) is None:
-                module = _module(candidate)[0]
-                if module.LOG_SUM_SQ or not log_sum_sq:
-                    return module
+                return _module(candidate)[0]
         return _module("reference")[0]
     check_backend_available(name, device)
-    if log_sum_sq and not _module(name)[0].LOG_SUM_SQ:
-        with_it = [b for b in BACKENDS if unavailable_reason(b, device) is None and _module(b)[0].LOG_SUM_SQ]
-        raise ValueError(f"backend={name!r} does not compute log_sum_sq (WPO's statistic) yet; these do: {with_it}")
     if name != "reference" and dtype not in KERNEL_DTYPES:
         raise ValueError(
             f"backend={name!r} takes float32, bfloat16 or float16 logits, not {dtype}; "

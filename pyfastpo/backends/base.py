@@ -20,7 +20,7 @@ backends, in :mod:`pyfastpo.sequence_logps`; a backend only does per-token math.
     unspecified; an ignored token's row of logits is never read. A row with a
     NaN or +inf logit, or only -inf logits, is undefined: ``log_sum``,
     ``entropy`` and ``logp`` are NaN (and its gradient is NaN).
-    With ``log_sum_sq=True`` (backends whose ``LOG_SUM_SQ`` is True) a sixth
+    With ``log_sum_sq=True`` a sixth
     statistic from the same pass: ``log sum_v p_v^2 = log q - 2 log s`` with
     ``q = sum_v exp(2 (x_v - m))`` (WPO's weight), 0 at ignored tokens; else None.
 

@@ -14,8 +14,6 @@ from .native import load_extension, run_backward, run_forward
 
 _C, _IMPORT_ERROR = load_extension("_C")
 
-LOG_SUM_SQ = True
-"""Computes ``log sum_v p_v^2`` on request (:mod:`pyfastpo.backends.base`)."""
 name = "cpp"
 
 

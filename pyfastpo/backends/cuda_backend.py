@@ -17,8 +17,6 @@ from .native import load_extension, run_backward, run_forward
 
 _cuda, _IMPORT_ERROR = load_extension("_cuda", "; it is built only when nvcc is found")
 
-LOG_SUM_SQ = False
-"""Does not compute ``log sum_v p_v^2`` yet (WPO): the reference backend does."""
 name = "cuda"
 
 
@@ -75,11 +73,9 @@ def _device_and_stream(t: torch.Tensor) -> tuple[int, int]:
 
 def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, log_sum_sq: bool = False) -> TokenStats:
     """The contract's forward (:mod:`pyfastpo.backends.base`) on CUDA tensors, on the current stream."""
-    if log_sum_sq:
-        raise ValueError(f"the {name} backend does not compute log_sum_sq (WPO) yet; use backend='reference'")
     with torch.cuda.device(logits.device):
-        call = lambda *args: _cuda.forward(*args, *_device_and_stream(logits))  # noqa: E731
-        return run_forward(call, logits, labels, ignore_index)
+        call = lambda *args: _cuda.forward(*args, bool(log_sum_sq), *_device_and_stream(logits))  # noqa: E731
+        return run_forward(call, logits, labels, ignore_index, log_sum_sq)
 
 
 def backward(logits, labels, row_max, log_sum, grad_scale, ignore_index: int, out) -> None:

@@ -14,8 +14,6 @@ from ..validation import check_not_capturing
 from .base import TokenStats
 
 name = "reference"
-LOG_SUM_SQ = True
-"""Computes ``log sum_v p_v^2`` on request (:mod:`pyfastpo.backends.base`)."""
 
 CHUNK_BYTES = 8 << 20
 """Target size of one float32 working chunk of rows (bytes)."""

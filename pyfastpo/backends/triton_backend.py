@@ -17,8 +17,6 @@ from pyfastpo.kernels.logps_forward import logps_forward
 
 from .base import TokenStats
 
-LOG_SUM_SQ = True
-"""Computes ``log sum_v p_v^2`` on request (:mod:`pyfastpo.backends.base`)."""
 name = "triton"
 
 

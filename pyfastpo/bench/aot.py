@@ -272,12 +272,14 @@ def compile_triton(
 
 def short_name(mangled: str) -> str:
     """``forward<bf16,vec,512>``-style name of a cuda_logps.cu kernel: dtype, then the
-    vector kernel at its block size (template argument THREADS) or ``scalar`` (THREADS = 0)."""
+    vector kernel at its block size (template argument THREADS) or ``scalar`` (THREADS = 0),
+    then ``,sq`` for the forward's WPO instantiation (template argument SQ = true)."""
     kind = "forward" if "forward_kernel" in mangled else "backward" if "backward_kernel" in mangled else mangled
     dtype = "bf16" if "nv_bfloat16" in mangled else "fp16" if "__half" in mangled else "fp32"
     threads = re.search(r"Li(\d+)E", mangled)
     variant = "scalar" if threads is None or threads.group(1) == "0" else f"vec,{threads.group(1)}"
-    return f"{kind}<{dtype},{variant}>"
+    sq = ",sq" if "Lb1E" in mangled else ""
+    return f"{kind}<{dtype},{variant}{sq}>"
 
 
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -40,7 +40,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
-from ..backends import available_backends, get_backend
+from ..backends import available_backends
 from ..fused import fused_preference_loss
 from ..linear import linear_preference_loss
 from ..losses import check_loss_options, needs_reference_entropy
@@ -112,8 +112,6 @@ class FastDPOTrainer(DPOTrainer):
                 f"pyfastpo_backend={self._pyfastpo_backend!r} cannot run on {args.device}; "
                 f"available here: {available_backends(args.device)}"
             )
-        if args.use_weighting and self._pyfastpo_backend != "auto":
-            get_backend(self._pyfastpo_backend, torch.device(args.device), torch.float32, log_sum_sq=True)
         self._pyfastpo_use_linear = bool(getattr(args, "use_fused_linear", False))
         # Reference-free with no Mallows loss: no reference model at all (a Mallows loss still
         # reads the reference's entropies; its log-probs are then ignored by the loss).

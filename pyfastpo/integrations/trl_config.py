@@ -135,8 +135,8 @@ class FastDPOConfig(DPOConfig):
         super().__post_init__()
         options = loss_options(self)
         check_loss_options(**options)
-        check_ld_alpha(self.ld_alpha, options["loss_type"], options)
-        check_use_weighting(self.use_weighting, self.ld_alpha, options["loss_type"], options)
+        check_ld_alpha(self.ld_alpha)
+        check_use_weighting(self.use_weighting, options["loss_type"], options)
 
 
 def loss_options(args) -> dict:

@@ -26,7 +26,8 @@ class PairTerms:
     counts (None when not given), ``nc``/``nr`` the same clamped to at least 1 (the
     divisors of the length-normalized losses), ``phi`` the Mallows dispersion (None
     unless a Mallows loss is used). ``sc``/``sr`` are the f-DPO scores of the log-ratios
-    (the log-ratios themselves under the default reverse KL).
+    (the log-ratios themselves under the default reverse KL). ``nll_chosen``: the chosen
+    log-probs the NLL-type terms read (None: ``chosen``; the plain ones under LD-DPO).
     """
 
     chosen: torch.Tensor
@@ -46,6 +47,7 @@ class PairTerms:
     f_alpha_divergence_coef: float = 0.5
     home_advantage: float = 0.0
     mixing_alpha: float | None = None
+    nll_chosen: torch.Tensor | None = None
 
     @property
     def nc(self) -> torch.Tensor:
@@ -178,7 +180,8 @@ def sigmoid_norm(p: PairTerms) -> torch.Tensor:
 
 def sft(p: PairTerms) -> torch.Tensor:
     """TRL's ``sft``: token-mean NLL of the chosen completions, the same for every pair."""
-    return (-p.chosen.sum() / p.chosen_tokens.sum().clamp_min(1)).expand_as(p.chosen)
+    chosen = p.chosen if p.nll_chosen is None else p.nll_chosen
+    return (-chosen.sum() / p.chosen_tokens.sum().clamp_min(1)).expand_as(p.chosen)
 
 
 def focalpo(p: PairTerms) -> torch.Tensor:

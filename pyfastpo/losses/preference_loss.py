@@ -73,6 +73,7 @@ def preference_loss(
     home_advantage: float = 0.0,
     mixing_alpha: float | None = None,
     sft_weight: float = 0.0,
+    chosen_nll_logps: torch.Tensor | None = None,
 ) -> PreferenceLossOutput:
     """Preference loss from per-sequence log-probs; plain torch, autograd gives the gradient.
 
@@ -127,6 +128,10 @@ def preference_loss(
             home_advantage)``; None: off.
         sft_weight: adds ``sft_weight * (-chosen_logps)`` per pair, the chosen completion's
             summed NLL (per token under ``length_normalize``): the authors' SFT term.
+        chosen_nll_logps: ``[B]`` the chosen completions' plain summed log-probs, which the
+            NLL terms (the ``sft`` type, ``nll_weight``, ``sft_weight``) read in place of
+            ``chosen_logps`` when those are weighted per token (LD-DPO: as trl, whose
+            ``sft`` is a plain cross-entropy under ``ld_alpha`` too); None: ``chosen_logps``.
 
     Options are checked before anything is computed (see
     :mod:`pyfastpo.losses.options`): out-of-range values, values that would flip
@@ -180,6 +185,7 @@ def preference_loss(
         ref_rejected_entropy=ref_rejected_entropy,
         dispersion=dispersion,
         pair_weights=pair_weights,
+        chosen_nll_logps=chosen_nll_logps,
     )
     if rejected_logps is None:
         raise ValueError("rejected_logps is required: a tensor of shape [B], one value per pair")
@@ -209,11 +215,14 @@ def preference_loss(
         raise ValueError(f"{needs_counts} need chosen_num_tokens and rejected_num_tokens (completion token counts)")
     chosen_tokens = chosen_num_tokens.to(dtype) if chosen_num_tokens is not None else None
     rejected_tokens = rejected_num_tokens.to(dtype) if rejected_num_tokens is not None else None
-    # BCR and the NLL term read the summed log-probs (they divide by the counts themselves).
-    summed_chosen, summed_ref_chosen = chosen, ref_chosen
+    # BCR and the NLL term read the summed log-probs (they divide by the counts themselves);
+    # the NLL terms read the plain ones (chosen_nll_logps, under LD-DPO's token weights).
+    nll_chosen = chosen if chosen_nll_logps is None else chosen_nll_logps.to(dtype)
+    summed_chosen, summed_ref_chosen, summed_nll = chosen, ref_chosen, nll_chosen
     if length_normalize:  # every log-prob per token, as the MallowsPO authors' trainer does
         nc, nr = chosen_tokens.clamp_min(1), rejected_tokens.clamp_min(1)
         chosen, rejected, ref_chosen, ref_rejected = chosen / nc, rejected / nr, ref_chosen / nc, ref_rejected / nr
+        nll_chosen = nll_chosen / nc
 
     phi = None
     if MALLOWS & set(types):
@@ -245,6 +254,7 @@ def preference_loss(
         float(f_alpha_divergence_coef),
         float(home_advantage),
         None if mixing_alpha is None else float(mixing_alpha),
+        nll_chosen,
     )
     losses = sum(w * LOSSES[t](terms) for t, w in zip(types, weights))
     if pair_weights is not None:
@@ -258,11 +268,11 @@ def preference_loss(
         losses = losses + bcr
         metrics["loss/bcr"] = bcr.detach().mean()
     if nll_weight:
-        nll = nll_weight * (-summed_chosen / terms.nc)
+        nll = nll_weight * (-summed_nll / terms.nc)
         losses = losses + nll
         metrics["loss/nll"] = nll.detach().mean()
     if sft_weight:
-        sft_term = sft_weight * (-chosen)
+        sft_term = sft_weight * (-nll_chosen)
         losses = losses + sft_term
         metrics["loss/sft"] = sft_term.detach().mean()
 
@@ -322,8 +332,12 @@ _VECTOR_ARGS = (
     "ref_rejected_entropy",
     "dispersion",
     "pair_weights",
+    "chosen_nll_logps",
 )
 # Scalar options check_loss_options takes under the same names.
+
+COMPUTED_BY_ENTRY_POINTS = frozenset({"chosen_num_tokens", "rejected_num_tokens", "vocab_size", "chosen_nll_logps"})
+"""preference_loss arguments the fused entry points compute from the labels and logits."""
 
 
 def check_loss_kwargs(
@@ -352,7 +366,7 @@ def check_loss_kwargs(
     unknown = sorted(set(loss_kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"unknown loss option(s) {unknown}; preference_loss takes {allowed}")
-    computed = sorted(set(loss_kwargs) & ({"chosen_num_tokens", "rejected_num_tokens", "vocab_size"} | set(filled)))
+    computed = sorted(set(loss_kwargs) & (COMPUTED_BY_ENTRY_POINTS | set(filled)))
     if computed:
         raise ValueError(f"{computed} are computed from the labels and logits here; do not pass them")
     scalars = {k: v for k, v in loss_kwargs.items() if k in SCALAR_DEFAULTS}
