@@ -330,29 +330,41 @@ def _triton_source(kernel: str, dtype: str) -> tuple:
 
 
 def compile_triton_config(
-    kernel: str, dtype: str, block_v: int, num_warps: int, aligned: bool, arch: int, sass: bool = True
+    kernel: str,
+    dtype: str,
+    block_v: int,
+    num_warps: int,
+    aligned: bool,
+    arch: int,
+    sass: bool = True,
+    with_sq: bool = False,
 ) -> KernelCode:
     """One Triton kernel at one launch configuration; ``aligned`` False: the
-    specialization of an odd vocabulary (nothing known divisible by 16)."""
+    specialization of an odd vocabulary (nothing known divisible by 16). ``with_sq``:
+    the forward's WPO variant (one accumulator more)."""
     fn, sig, divisible = _triton_source(kernel, dtype)
     constexprs = {"BLOCK_V": block_v}
     if kernel == "forward":
         constexprs["VEC"] = min(block_v, 16 // ELEM_BYTES[dtype])  # as logps_forward launches it
-        constexprs["WITH_SQ"] = False  # the plain pass (WPO's variant adds one accumulator)
+        constexprs["WITH_SQ"] = with_sq
     return compile_triton(fn, sig, constexprs, num_warps, arch, divisible if aligned else (), sass)
 
 
-def triton_kernels(arch: int = 90, vocab: int = 128256) -> dict:
+def triton_kernels(arch: int = 90, vocab: int = 128256, with_sq: bool = False) -> dict:
     """``{"forward<bf16>": KernelCode, ...}``: the Triton kernels at their launch
-    configuration for ``vocab``, aligned. Needs TRITON_INTERPRET unset when triton was
-    first imported (the interpreter replaces the kernels): :func:`report` runs it in a
-    fresh process."""
+    configuration for ``vocab``, aligned (``with_sq``: the forward's WPO variant alone,
+    as ``forward<bf16,sq>``). Needs TRITON_INTERPRET unset when triton was first imported
+    (the interpreter replaces the kernels): :func:`report` runs it in a fresh process."""
     use_checkout_kernels()
     from pyfastpo.kernels.config import launch_config
 
     out = {}
     for dtype in ELEM_BYTES:
         block, warps = launch_config(vocab, torch_dtype(dtype))
+        if with_sq:
+            code = compile_triton_config("forward", dtype, block, warps, True, arch, with_sq=True)
+            out[f"forward<{dtype},sq>"] = code
+            continue
         for kernel in ("forward", "backward"):
             out[f"{kernel}<{dtype}>"] = compile_triton_config(kernel, dtype, block, warps, True, arch)
     return out
@@ -587,23 +599,29 @@ def _row(backend: str, name: str, code: KernelCode) -> dict:
     }
 
 
-def report(arch: int = 90) -> list:
-    """Registers, local memory and hot-loop instructions per element of every kernel,
-    CUDA and Triton, compiled for ``sm_<arch>``: a list of dicts."""
+def triton_rows(arch: int = 90, with_sq: bool = False) -> list:
+    """:func:`triton_kernels`' rows (as :func:`report`'s), compiled in a fresh process
+    without the interpreter."""
     import json
     import sys
 
-    rows = [
-        _row("cuda", short_name(n), c) for n, c in sorted(compile_cuda(arch).items(), key=lambda kv: short_name(kv[0]))
-    ]
     code = (
-        "import json; from pyfastpo.bench import aot; "
-        f"print(json.dumps([aot._row('triton', n, c) for n, c in aot.triton_kernels({arch}).items()]))"
+        "import json; from pyfastpo.bench import aot; print(json.dumps([aot._row('triton', n, c) "
+        f"for n, c in aot.triton_kernels({arch}, with_sq={with_sq}).items()]))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], env=_compile_env(), cwd=ROOT, capture_output=True, text=True, check=True
     )
-    return rows + json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report(arch: int = 90) -> list:
+    """Registers, local memory and hot-loop instructions per element of every kernel,
+    CUDA and Triton, compiled for ``sm_<arch>``: a list of dicts."""
+    rows = [
+        _row("cuda", short_name(n), c) for n, c in sorted(compile_cuda(arch).items(), key=lambda kv: short_name(kv[0]))
+    ]
+    return rows + triton_rows(arch) + triton_rows(arch, with_sq=True)
 
 
 def default_rows(result: dict, arch: int = 90) -> list:
