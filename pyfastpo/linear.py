@@ -23,6 +23,7 @@ import math
 import torch
 
 from .backends import TokenStats, backend_module, get_backend
+from .linear_single_pass import attach_gradients, plan_groups, single_pass
 from .pairs import (
     FusedPreferenceLossOutput,
     check_pair_loss_arguments,
@@ -363,6 +364,7 @@ def linear_preference_loss(
     memory_budget_bytes: int | None = None,
     ld_alpha: float | None = None,
     use_weighting: bool = False,
+    single_pass: bool | None = None,
     **loss_kwargs,
 ) -> FusedPreferenceLossOutput:
     """Preference loss from last hidden states and the lm_head, logits never materialized.
@@ -382,6 +384,12 @@ def linear_preference_loss(
             shorter completion of its pair weigh ``ld_alpha`` in the policy's and the
             streamed reference's log-probs (:func:`pyfastpo.ld_token_weights`); None: off.
         use_weighting: WPO, as in :func:`pyfastpo.fused_preference_loss`.
+        single_pass: None (default): the gradients are computed in the forward, one
+            projection per valid token, whenever the loss is separable per pair and every
+            pair's valid tokens fit one chunk (:mod:`pyfastpo.linear_single_pass`); else
+            two passes. Only ``loss`` is differentiable then (``losses`` and the policy's
+            ``logps`` come detached). True: require it (ValueError saying why not); False:
+            always two passes. The output's ``mode`` says which ran and why.
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies included).
@@ -390,8 +398,10 @@ def linear_preference_loss(
     _check_linear(hidden, weight, bias, labels, ignore_index)
     check_pairs(hidden.shape[0], "hidden")
     proj = projection_dtype(hidden.device.type, hidden.dtype)
-    get_backend(backend, hidden.device, proj)
-    _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
+    impl = get_backend(backend, hidden.device, proj)
+    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
+    if single_pass not in (None, True, False):
+        raise ValueError(f"single_pass must be None (automatic), True or False, got {single_pass!r}")
     if ref_hidden is not None:
         check_reference_input("ref_hidden", ref_hidden, "hidden", hidden, ref_chosen_logps, ref_rejected_logps)
         ref_w = weight if ref_weight is None else ref_weight
@@ -424,11 +434,9 @@ def linear_preference_loss(
         memory_budget_bytes=memory_budget_bytes,
         token_weights=weights,
     )
-    policy = linear_sequence_logps(
-        hidden, weight, labels, bias=bias, return_entropy=True, return_log_sum_sq=use_weighting, **common
-    )
+    groups, mode = _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass)
     reference = None
-    if ref_hidden is not None:
+    if ref_hidden is not None:  # first: the single pass reads the reference's statistics
         with torch.no_grad():
             reference = linear_sequence_logps(
                 ref_hidden.detach(),
@@ -438,8 +446,85 @@ def linear_preference_loss(
                 return_entropy=True,
                 **common,
             )
+    refs = (reference, ref_chosen_logps, ref_rejected_logps)
+    if groups is not None:
+        run = dict(impl=impl, proj=proj, ignore_index=ignore_index, use_weighting=use_weighting, mode=mode)
+        return _single_pass_loss(hidden, weight, bias, labels, weights, groups, refs, loss_type, loss_kwargs, **run)
+    policy = linear_sequence_logps(
+        hidden, weight, labels, bias=bias, return_entropy=True, return_log_sum_sq=use_weighting, **common
+    )
+    return _pair_loss(policy, refs, weight.shape[0], loss_type, loss_kwargs, use_weighting)._replace(mode=mode)
+
+
+def _plan(hidden, weight, bias, labels, ignore_index: int, chunk: int, loss_type, single_pass) -> tuple:
+    """:func:`pyfastpo.linear_single_pass.plan_groups` under the caller's ``single_pass``."""
+    if single_pass is False:
+        return None, "two-pass: single_pass=False"
+    if torch.compiler.is_compiling():
+        groups, why = None, "two-pass: under torch.compile (the single pass runs the loss inside its own loop)"
+    else:
+        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+        groups, why = plan_groups(labels, ignore_index, chunk, loss_type, needs_grad)
+    if single_pass and groups is None:
+        raise ValueError(f"single_pass=True cannot run here: {why}")
+    return groups, why
+
+
+def _pair_loss(policy: SequenceLogps, refs: tuple, vocab: int, loss_type, loss_kwargs: dict, use_weighting: bool):
+    """:func:`pyfastpo.pairs.pair_loss_from_stats` with WPO's weights from ``policy`` when asked;
+    ``refs``: ``(reference stats or None, ref_chosen_logps, ref_rejected_logps)``."""
     if use_weighting:
         loss_kwargs = dict(loss_kwargs, pair_weights=wpo_pair_weights(policy))
-    return pair_loss_from_stats(
-        policy, reference, ref_chosen_logps, ref_rejected_logps, weight.shape[0], loss_type, loss_kwargs
+    return pair_loss_from_stats(policy, *refs, vocab, loss_type, loss_kwargs)
+
+
+@torch.compiler.disable  # data-dependent loops and the loss's own autograd inside (never reached compiling)
+def _single_pass_loss(
+    hidden,
+    weight,
+    bias,
+    labels,
+    token_weights,
+    groups,
+    refs,
+    loss_type,
+    loss_kwargs,
+    *,
+    impl,
+    proj,
+    ignore_index,
+    use_weighting,
+    mode,
+) -> FusedPreferenceLossOutput:
+    """:func:`pyfastpo.linear_single_pass.single_pass`, then the loss of the whole batch from
+    its detached statistics (the same value, metrics and rewards as two passes), carrying
+    the gradients the pass computed."""
+    reference, ref_chosen, ref_rejected = refs
+    half = hidden.shape[0] // 2
+    vocab = weight.shape[0]
+
+    def group_losses(stats: SequenceLogps, pairs: torch.Tensor) -> torch.Tensor:
+        seqs = torch.cat((pairs, pairs + half))
+        group_refs = (
+            None if reference is None else SequenceLogps(*(None if f is None else f[seqs] for f in reference)),
+            None if ref_chosen is None else ref_chosen[pairs],
+            None if ref_rejected is None else ref_rejected[pairs],
+        )
+        kwargs = {k: v[pairs] if isinstance(v, torch.Tensor) else v for k, v in loss_kwargs.items()}
+        return _pair_loss(stats, group_refs, vocab, loss_type, kwargs, use_weighting).losses
+
+    policy, grads = single_pass(
+        hidden,
+        weight,
+        bias,
+        labels,
+        token_weights,
+        groups,
+        group_losses,
+        impl=impl,
+        proj=proj,
+        ignore_index=ignore_index,
+        with_log_sum_sq=use_weighting,
     )
+    out = _pair_loss(policy, refs, vocab, loss_type, loss_kwargs, use_weighting)
+    return out._replace(loss=attach_gradients(out.loss, hidden, weight, bias, grads), mode=mode)

@@ -32,6 +32,8 @@ class FusedPreferenceLossOutput(NamedTuple):
     policy: :class:`SequenceLogps` of the policy, ``[N]`` each, entropy included.
     reference: the same for the reference (None when reference log-probs were given
         precomputed or training is reference-free).
+    mode: the fused linear path's mode and why ("single-pass: ..." or "two-pass: ...",
+        see :mod:`pyfastpo.linear_single_pass`); None on the logits path.
     """
 
     loss: torch.Tensor
@@ -41,6 +43,7 @@ class FusedPreferenceLossOutput(NamedTuple):
     metrics: dict
     policy: SequenceLogps
     reference: SequenceLogps | None
+    mode: str | None = None
 
 
 def check_use_weighting(use_weighting, loss_type, options: dict) -> None:
