@@ -23,6 +23,7 @@ import math
 import torch
 
 from .backends import TokenStats, backend_module, get_backend
+from .linear_chunks import add_chunk_gradients, cast, project
 from .linear_single_pass import attach_gradients, plan_groups, single_pass
 from .pairs import (
     FusedPreferenceLossOutput,
@@ -86,18 +87,6 @@ def projection_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def _project(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Chunk logits ``[C, 1, V]`` from operands already in the projection dtype: each token
-    is its own length-1 "sequence", so the backends' per-sequence gradient scale becomes
-    a per-token one."""
-    logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
-    return logits.unsqueeze(1)
-
-
-def _cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if x is None else x.to(dtype)
-
-
 def _synchronizing_op_tags() -> dict:
     """custom_op's ``tags`` for an op that synchronizes (it counts the valid tokens):
     ``cudagraph_unsafe``, so that ``torch.compile(mode="reduce-overhead")`` leaves it out of
@@ -136,10 +125,10 @@ def _linear_op(
     sq = dict(log_sum_sq=True) if with_log_sum_sq else {}
     stats = torch.zeros(fields, n_idx.numel(), dtype=cdtype, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):  # projected in `proj`, explicitly
-        w, b = _cast(weight, proj), _cast(bias, proj)
+        w, b = cast(weight, proj), cast(bias, proj)
         for start in range(0, n_idx.numel(), chunk):
             rows = slice(start, start + chunk)
-            logits = _project(hidden[n_idx[rows], t_idx[rows]].to(proj), w, b)
+            logits = project(hidden[n_idx[rows], t_idx[rows]].to(proj), w, b)
             out = impl.forward(logits, labels[n_idx[rows], t_idx[rows]][:, None], ignore_index, **sq)
             for i, s in enumerate(out[:fields]):
                 stats[i, rows] = s.squeeze(1)
@@ -187,7 +176,7 @@ def _linear_backward_op(
     impl = backend_module(backend)
     n_idx, t_idx = (labels != ignore_index).nonzero(as_tuple=True)
     row_max, log_sum = saved[0][n_idx, t_idx], saved[1][n_idx, t_idx]
-    grad_hidden = torch.zeros_like(hidden) if need_h else hidden.new_empty(0)
+    grad_hidden = torch.zeros_like(hidden) if need_h else None
     acc = log_sum.dtype  # float32 accumulation (float64 for float64 inputs)
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
     grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
@@ -196,29 +185,19 @@ def _linear_backward_op(
     # The forward's projection, recomputed in the same dtype (autocast's when it was on), with
     # autocast off: the matmuls run in exactly that dtype whatever context the backward runs in.
     with torch.autocast(hidden.device.type, enabled=False):
-        w, b = _cast(weight, proj), _cast(bias, proj)
+        w, b = cast(weight, proj), cast(bias, proj)
         for start in range(0, n_idx.numel(), chunk):
             rows = slice(start, start + chunk)
             h = hidden[n_idx[rows], t_idx[rows]].to(proj)
-            logits = _project(h, w, b)
+            logits = project(h, w, b)
             y = labels[n_idx[rows], t_idx[rows]][:, None]
             stat = (row_max[rows][:, None], log_sum[rows][:, None])
             impl.backward(logits, y, *stat, g_tok[rows].contiguous(), ignore_index, logits)
             grad_logits = logits.squeeze(1)  # [C, V], now dLoss/dlogits, in the logits' dtype
-            if need_h:
-                grad_hidden[n_idx[rows], t_idx[rows]] = (grad_logits @ w).to(hidden.dtype)
-            if need_w:
-                if grad_logits.dtype == acc or not grad_logits.is_cuda:
-                    # In place, no [V, H] temporary per chunk; the float32 copy of a
-                    # 16-bit chunk is within the chunk's memory budget.
-                    grad_weight.addmm_(grad_logits.t().to(acc), h.to(acc))
-                else:
-                    # On a GPU keep the 16-bit GEMM (float32 accumulation inside cuBLAS,
-                    # many times a float32 GEMM's speed) and add its [V, H] product in place.
-                    grad_weight.add_(grad_logits.t() @ h)
-            if need_b:
-                grad_bias += grad_logits.to(acc).sum(0)
+            where = (n_idx[rows], t_idx[rows])
+            add_chunk_gradients(grad_logits, h, w, where, grad_hidden, grad_weight, grad_bias)
             del logits, grad_logits
+    grad_hidden = grad_hidden if need_h else hidden.new_empty(0)
     grad_weight = grad_weight.to(weight.dtype) if need_w else weight.new_empty(0)
     grad_bias = grad_bias.to(bias.dtype) if need_b else weight.new_empty(0)
     return grad_hidden, grad_weight, grad_bias

@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 import torch
 
+from .backends import TokenStats
+from .linear_chunks import add_chunk_gradients, cast, project
 from .losses.options import loss_types
 from .sequence_logps import SequenceLogps, first_order_only, reduce_tokens, token_grad_scale
 
@@ -111,14 +113,14 @@ def single_pass(
     sq = dict(log_sum_sq=True) if with_log_sum_sq else {}
     slot = torch.full((n,), -1, dtype=torch.long, device=device)  # sequence -> row within its group
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        w, b = weight.detach().to(proj), None if bias is None else bias.detach().to(proj)
+        w, b = cast(weight.detach(), proj), cast(None if bias is None else bias.detach(), proj)
         for pairs in groups:
             pairs = pairs.to(device)
             seqs = torch.cat((pairs, pairs + half))
             slot[seqs] = torch.arange(seqs.numel(), device=device)
             n_idx, t_idx = (valid & (slot >= 0)[:, None]).nonzero(as_tuple=True)
             h = hidden.detach()[n_idx, t_idx].to(proj)
-            logits = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).unsqueeze(1)  # [C, 1, V]
+            logits = project(h, w, b)  # [C, 1, V]
             y = labels[n_idx, t_idx][:, None]
             stats = impl.forward(logits, y, ignore_index, **sq)
             for i in range(fields):
@@ -130,12 +132,7 @@ def single_pass(
             g_tok = g_tok[slot[n_idx]] if g_tok.dim() == 1 else g_tok[slot[n_idx], t_idx]
             impl.backward(logits, y, stats[1], stats[2], g_tok.contiguous(), ignore_index, logits)
             grad_logits = logits.squeeze(1)  # [C, V]: dLoss/dlogits, in the logits' dtype
-            if need_h:
-                grad_hidden[n_idx, t_idx] = (grad_logits @ w).to(hidden.dtype)
-            if need_w:
-                _add_weight_grad(grad_weight, grad_logits, h)
-            if need_b:
-                grad_bias += grad_logits.to(cdtype).sum(0)
+            add_chunk_gradients(grad_logits, h, w, (n_idx, t_idx), grad_hidden, grad_weight, grad_bias)
             slot[seqs] = -1
             del logits, grad_logits, stats
     num_tokens = valid.sum(dim=1)
@@ -158,9 +155,8 @@ def single_pass(
     return policy, grads
 
 
-def _token_stats(per_tok: torch.Tensor, with_log_sum_sq: bool):
-    from .backends import TokenStats
-
+def _token_stats(per_tok: torch.Tensor, with_log_sum_sq: bool) -> TokenStats:
+    """Per-token stats ``[fields, N, T]`` as :class:`TokenStats` (``log_sum_sq`` None without it)."""
     return TokenStats(*per_tok) if with_log_sum_sq else TokenStats(*per_tok, None)
 
 
@@ -184,16 +180,6 @@ def _sequence_gradients(per_tok, valid, weights, vocab: int, group_losses, pairs
     grad_w = got[0] if got[0] is not None else torch.zeros_like(logps)
     grad_u = got[1] if len(got) > 1 else None
     return token_grad_scale(grad_w, grad_u, weights, per_tok.dtype)
-
-
-def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
-    """``grad_weight += grad_logits^T h`` into the float32 (float64) accumulator, as the
-    two-pass backward does: a 16-bit GEMM on a GPU (float32 accumulation inside cuBLAS),
-    added in place; elsewhere in the accumulator's dtype."""
-    if grad_logits.dtype == grad_weight.dtype or not grad_logits.is_cuda:
-        grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
-    else:
-        grad_weight.add_(grad_logits.t() @ h)
 
 
 class _PrecomputedGradients(torch.autograd.Function):

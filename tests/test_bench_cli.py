@@ -73,7 +73,12 @@ def test_table_has_a_row_per_contender_and_size(bench_run):
     runnable = data["meta"]["sources"]
     expected = {
         "logits": ["pyfastpo[reference]", "pyfastpo[cpp]", "trl-way", "log_softmax+gather"],
-        "linear": ["pyfastpo-linear[reference]", "pyfastpo-linear[cpp]", "materialized"],
+        "linear": [
+            "pyfastpo-linear[reference]",
+            "pyfastpo-linear[cpp]",
+            "pyfastpo-linear[cpp]+two-pass",
+            "materialized",
+        ],
     }
     for path, names in expected.items():
         for name in names:

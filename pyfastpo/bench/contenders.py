@@ -117,15 +117,19 @@ def _pyfastpo_logits(name: str, compiled: bool = False, wpo: bool = False):
     return build
 
 
-def _pyfastpo_linear(name: str, compiled: bool = False):
+def _pyfastpo_linear(name: str, compiled: bool = False, single_pass: bool | None = None):
     def build(device, dtype, options):
         _check_backend(name, device, dtype, options)
 
         def op(hidden, weight, labels):
-            out = linear_preference_loss(hidden, weight, labels, loss_type="sigmoid", beta=BETA, backend=name)
+            out = linear_preference_loss(
+                hidden, weight, labels, loss_type="sigmoid", beta=BETA, backend=name, single_pass=single_pass
+            )
             return out.loss, out.policy.logps
 
-        return _compiled(op, f"pyfastpo {__version__} linear_preference_loss(backend={name!r})", compiled, options)
+        extra = "" if single_pass is None else f", single_pass={single_pass}"
+        source = f"pyfastpo {__version__} linear_preference_loss(backend={name!r}{extra})"
+        return _compiled(op, source, compiled, options)
 
     return build
 
@@ -312,16 +316,29 @@ def registry() -> list[Contender]:
         Contender("log_softmax+gather", "logits", "logsoftmax", BASELINE_GROUPS["logsoftmax"], _build_logsoftmax),
     ]
     for b in backends:
+        # The oracle takes two passes: the automatic mode (one pass where it can) is checked against it.
         out.append(
             Contender(
                 f"pyfastpo-linear[{b}]",
                 "linear",
                 "pyfastpo",
-                f"pyfastpo.linear_preference_loss(backend={b!r})",
-                _pyfastpo_linear(b),
+                f"pyfastpo.linear_preference_loss(backend={b!r})"
+                + (", two passes" if b == "reference" else ": one pass where every pair fits a chunk, else two"),
+                _pyfastpo_linear(b, single_pass=False if b == "reference" else None),
                 oracle=b == "reference",
             )
         )
+    out += [
+        Contender(
+            f"pyfastpo-linear[{b}]+two-pass",
+            "linear",
+            "pyfastpo",
+            f"pyfastpo.linear_preference_loss(backend={b!r}, single_pass=False): the two-pass mode, for comparison",
+            _pyfastpo_linear(b, single_pass=False),
+        )
+        for b in backends
+        if b != "reference"
+    ]
     out += [_compiled_contender(b, "linear") for b in backends if b != "reference"]
     out += [
         Contender(
