@@ -74,7 +74,7 @@ if [ "$DRY" = 0 ]; then
   step build 180 $PY -m pip install --no-build-isolation --no-deps -e .
   step tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py tests/test_triton_kernels.py \
     tests/test_sequence_logps.py tests/test_hardening.py tests/test_fused.py tests/test_linear.py tests/test_autocast.py tests/test_no_sync.py tests/test_compile.py \
-    tests/test_wpo.py tests/test_token_weights.py
+    tests/test_wpo.py tests/test_token_weights.py tests/test_linear_single_pass.py
   if command -v compute-sanitizer > /dev/null; then
     step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 $PY benchmarks/memcheck_case.py
   else

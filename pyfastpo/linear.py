@@ -25,6 +25,7 @@ import torch
 from .backends import TokenStats, backend_module, get_backend
 from .linear_chunks import add_chunk_gradients, cast, project
 from .linear_single_pass import attach_gradients, plan_groups, single_pass
+from .losses.preference_loss import PER_PAIR_ARGS
 from .pairs import (
     FusedPreferenceLossOutput,
     check_pair_loss_arguments,
@@ -374,7 +375,7 @@ def linear_preference_loss(
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies included).
     """
     # Every argument is checked before the first projection.
-    _check_linear(hidden, weight, bias, labels, ignore_index)
+    labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     check_pairs(hidden.shape[0], "hidden")
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
@@ -413,7 +414,9 @@ def linear_preference_loss(
         memory_budget_bytes=memory_budget_bytes,
         token_weights=weights,
     )
-    groups, mode = _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass)
+    others = (ref_chosen_logps, ref_rejected_logps, *loss_kwargs.values())
+    graded = any(isinstance(x, torch.Tensor) and x.requires_grad for x in others)
+    groups, mode = _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass, proj, graded)
     reference = None
     if ref_hidden is not None:  # first: the single pass reads the reference's statistics
         with torch.no_grad():
@@ -435,12 +438,19 @@ def linear_preference_loss(
     return _pair_loss(policy, refs, weight.shape[0], loss_type, loss_kwargs, use_weighting)._replace(mode=mode)
 
 
-def _plan(hidden, weight, bias, labels, ignore_index: int, chunk: int, loss_type, single_pass) -> tuple:
-    """:func:`pyfastpo.linear_single_pass.plan_groups` under the caller's ``single_pass``."""
+def _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass, proj, graded) -> tuple:
+    """:func:`pyfastpo.linear_single_pass.plan_groups` under the caller's ``single_pass``,
+    after the cases the single pass leaves to two passes: torch.compile, float16 (a loss
+    scale must enter before the gradients are rounded to float16), and loss inputs other
+    than hidden, weight and bias that need a gradient (``graded``)."""
     if single_pass is False:
         return None, "two-pass: single_pass=False"
     if torch.compiler.is_compiling():
         groups, why = None, "two-pass: under torch.compile (the single pass runs the loss inside its own loop)"
+    elif proj == torch.float16:
+        groups, why = None, "two-pass: float16 (a GradScaler's scale must reach the gradients before rounding)"
+    elif graded:
+        groups, why = None, "two-pass: a reference log-prob or loss option tensor requires grad"
     else:
         needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
         groups, why = plan_groups(labels, ignore_index, chunk, loss_type, needs_grad)
@@ -489,7 +499,7 @@ def _single_pass_loss(
             None if ref_chosen is None else ref_chosen[pairs],
             None if ref_rejected is None else ref_rejected[pairs],
         )
-        kwargs = {k: v[pairs] if isinstance(v, torch.Tensor) else v for k, v in loss_kwargs.items()}
+        kwargs = {k: v[pairs] if k in PER_PAIR_ARGS and v is not None else v for k, v in loss_kwargs.items()}
         return _pair_loss(stats, group_refs, vocab, loss_type, kwargs, use_weighting).losses
 
     policy, grads = single_pass(

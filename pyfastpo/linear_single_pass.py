@@ -17,12 +17,20 @@ when its loss reads only its own statistics: every type except ``aot`` and
 ``aot_unpaired``, which sort across the batch, and trl's ``sft``, a token mean over
 the whole batch.
 
-The loss's backward only scales the stored gradients by the incoming gradient. Those
-gradients are held from the forward to the backward: ``grad_hidden`` (the size of
-``hidden``) and ``grad_weight`` (in the weight's dtype). The two-pass path allocates
-them only in its backward. In this mode only ``loss`` is differentiable. The
-per-pair ``losses`` and the policy's ``logps`` are returned detached (the gradients
-already computed are those of ``loss``).
+The loss's backward only scales the stored gradients by the incoming gradient, in
+float32. Those gradients are held from the forward to the backward: ``grad_hidden`` (the
+size of ``hidden``) and ``grad_weight`` (in the weight's dtype). The two-pass path
+allocates them only in its backward. The autograd graph holds them directly, not
+through saved-tensor hooks, so activation offloading does not move them. Under
+activation checkpointing the pass runs again in the recompute. In this mode only
+``loss`` is differentiable. The per-pair ``losses`` and the policy's ``logps`` are
+returned detached (the gradients already computed are those of ``loss``).
+
+:func:`pyfastpo.linear_preference_loss` leaves three more cases to two passes. Under
+torch.compile the pass would run the loss inside its own loop. In float16, a
+GradScaler's scale must reach the gradients before float16 rounds them. And when a loss
+input other than hidden, weight and bias needs a gradient (a reference log-prob, a
+per-pair tensor), the single pass would not compute it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from .backends import TokenStats
 from .linear_chunks import add_chunk_gradients, cast, project
 from .losses.options import loss_types
 from .sequence_logps import SequenceLogps, first_order_only, reduce_tokens, token_grad_scale
+from .validation import check_label_values
 
 NON_SEPARABLE = frozenset({"aot", "aot_unpaired", "sft"})
 """Loss types whose per-pair loss reads other pairs: they take two passes."""
@@ -98,6 +107,7 @@ def single_pass(
         :class:`SequenceLogps` (detached, as the two-pass forward computes it) and the
         gradients of ``mean(losses)`` (None for an input that does not require grad).
     """
+    check_label_values(labels, weight.shape[0], ignore_index)  # before any kernel reads them
     n, t, _ = hidden.shape
     half = n // 2
     device = hidden.device
@@ -200,11 +210,23 @@ class _PrecomputedGradients(torch.autograd.Function):
                 "to backpropagate through it twice, pass single_pass=False"
             )
         grads, ctx.grads = ctx.grads, None  # freed: the weight gradient may be gigabytes
-        out = tuple(
-            None if g is None or not need else g * grad_loss.to(g.dtype)
-            for g, need in zip(grads, ctx.needs_input_grad[1:4])
-        )
+        needs = ctx.needs_input_grad[1:4]
+        out = tuple(None if g is None or not need else _scale_(g, grad_loss) for g, need in zip(grads, needs))
         return first_order_only((None, *out, None), ctx.saved_tensors, "the single-pass linear loss")
+
+
+def _scale_(g: torch.Tensor, scale: torch.Tensor, block_elements: int = 1 << 24) -> torch.Tensor:
+    """``g *= scale`` in place, computed in float32: a 16-bit ``g`` rounds once more, and the
+    scale itself is never rounded to 16 bits. Slices along dim 0 of at most about
+    ``block_elements`` keep the float32 temporary small (64 MiB)."""
+    if g.dtype in (torch.float32, torch.float64):
+        return g.mul_(scale.to(g.dtype))
+    s = scale.float()
+    rows = max(1, block_elements // max(1, g[0].numel()))
+    for start in range(0, g.shape[0], rows):
+        block = g[start : start + rows]
+        block.copy_(block.float() * s)
+    return g
 
 
 def attach_gradients(loss: torch.Tensor, hidden, weight, bias, grads: tuple) -> torch.Tensor:

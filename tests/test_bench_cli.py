@@ -394,3 +394,16 @@ def test_compile_runs_pyfastpo_compiled_next_to_eager(tmp_path):
     }
     assert skipped["pyfastpo[cpp]+compile"] == "not selected (pass --compile)"
     assert skipped["pyfastpo[cpp]+wpo"] == "not selected (pass --wpo)"
+
+
+def test_memory_budget_sets_pyfastpos_linear_chunk(tmp_path, capsys):
+    """--memory-budget-mib reaches pyfastpo's linear contenders (named in their source) and
+    decides their mode; a non-positive budget is refused before anything runs."""
+    argv = ["--device", "cpu", "--quick", "--path", "linear", "--sizes", "2x8x64x16", "--backends", "cpp"]
+    argv += ["--baselines", "none", "--repeats", "1", "--warmup", "0", "--no-progress"]
+    assert cli.main([*argv, "--memory-budget-mib", "3", "--out", str(tmp_path)]) == 0
+    sources = json.loads((tmp_path / "results.json").read_text())["meta"]["sources"]
+    assert f"memory_budget_bytes={3 << 20}" in sources["pyfastpo-linear[cpp]"]
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--device", "cpu", "--memory-budget-mib", "0"])
+    assert exc.value.code == 2 and "--memory-budget-mib: a positive number of MiB" in capsys.readouterr().err

@@ -142,3 +142,52 @@ def test_bad_single_pass_flag():
     hidden, _, weight, _, labels = make()
     with pytest.raises(ValueError, match="single_pass must be None"):
         pyfastpo.linear_preference_loss(hidden, weight, labels, single_pass="yes")
+
+
+def test_int32_and_bad_labels_with_precomputed_reference():
+    """Without a streamed reference nothing else checks the labels first: the single pass
+    converts them (int32 here) and refuses an out-of-range one before any kernel runs."""
+    hidden, ref_hidden, weight, bias, labels = make()
+    ref = pyfastpo.linear_sequence_logps(ref_hidden, weight, labels, bias=bias).logps
+    kw = dict(bias=bias, ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:], backend="cpp")
+    runs = [pyfastpo.linear_preference_loss(*leaves(hidden, weight), labels.int(), single_pass=s, **kw) for s in (1, 0)]
+    assert runs[0].mode.startswith("single-pass")
+    torch.testing.assert_close(runs[0].loss, runs[1].loss)
+    bad = labels.clone()
+    bad[0, 5] = 10**6
+    with pytest.raises(ValueError, match="label"):
+        pyfastpo.linear_preference_loss(*leaves(hidden, weight), bad, single_pass=True, **kw)
+
+
+def test_scalar_tensor_options_are_not_sliced_by_pair():
+    inputs = make(dtype=torch.float64)
+    labels = inputs[-1]
+    kw = dict(loss_type=["sigmoid", "ipo"], loss_weights=torch.tensor([1.0, 0.5]), beta=torch.tensor(0.3))
+    single = ours(*inputs, backend="reference", chunk_tokens=max_pair_tokens(labels), single_pass=True, **kw)
+    assert_same_step(single, ours(*inputs, backend="reference", single_pass=False, **kw), 1e-12, 1e-13)
+
+
+def test_bfloat16_gradients_scale_in_float32():
+    """The incoming gradient (1/3 here) multiplies the stored bf16 gradients in float32: no
+    bf16-rounded scale (bf16(1/3) = 0.33398 would bias every gradient by +0.2%)."""
+    hidden, ref_hidden, weight, bias, labels = make(dtype=torch.bfloat16)
+    grads = []
+    for scale in (1.0, 1 / 3):
+        h, w = leaves(hidden, weight)
+        out = pyfastpo.linear_preference_loss(h, w, labels, ref_hidden=ref_hidden, single_pass=True)
+        (out.loss * scale).backward()
+        grads.append(w.grad.double())
+    ratio = grads[1].abs().sum() / grads[0].abs().sum()
+    assert abs(ratio - 1 / 3) < 1e-4, float(ratio)
+
+
+def test_float16_and_other_graded_inputs_take_two_passes():
+    hidden, ref_hidden, weight, bias, labels = make()
+    out = ours(hidden.half(), ref_hidden.half(), weight.half(), None, labels, backend="reference")
+    assert out[0].mode.startswith("two-pass: float16")
+    ref = pyfastpo.linear_sequence_logps(ref_hidden, weight, labels).logps.detach().requires_grad_()
+    h = hidden.clone().requires_grad_()
+    out = pyfastpo.linear_preference_loss(h, weight, labels, ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:])
+    assert out.mode == "two-pass: a reference log-prob or loss option tensor requires grad"
+    out.loss.backward()
+    assert ref.grad is not None and h.grad is not None

@@ -135,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="also run each selected pyfastpo backend with WPO's log sum p^2 (logits path): its extra cost",
     )
+    p.add_argument(
+        "--memory-budget-mib",
+        type=int,
+        help="the chunk memory budget of pyfastpo's linear path (default: its per-device default)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -169,6 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         unknown = args.backend_set - set(contenders.BACKENDS)
         if unknown:
             p.error(f"--backends: unknown {sorted(unknown)}; choose from {', '.join(contenders.BACKENDS)}")
+    if args.memory_budget_mib is not None and args.memory_budget_mib < 1:
+        p.error(f"--memory-budget-mib: a positive number of MiB, got {args.memory_budget_mib}")
     return args
 
 
@@ -254,7 +261,10 @@ def run(args, argv=None) -> tuple[dict, list[dict], list[dict]]:
     from tqdm.auto import tqdm
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    options = contenders.Options(args.baseline_set, args.backend_set, args.include_interpreted, args.compile, args.wpo)
+    budget = None if args.memory_budget_mib is None else args.memory_budget_mib << 20
+    options = contenders.Options(
+        args.baseline_set, args.backend_set, args.include_interpreted, args.compile, args.wpo, budget
+    )
     paths = ["logits", "linear"] if args.path == "both" else [args.path]
     meta = environment.describe(device, argv)
     meta.update(

@@ -60,6 +60,7 @@ class Options:
     include_interpreted: bool = False
     compile: bool = False  # --compile: also pyfastpo's backends under torch.compile
     wpo: bool = False  # --wpo: also pyfastpo's backends with WPO's log sum p^2 (logits path)
+    memory_budget_bytes: int | None = None  # --memory-budget-mib: pyfastpo's linear chunk budget (None: default)
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,23 @@ def _pyfastpo_linear(name: str, compiled: bool = False, single_pass: bool | None
     def build(device, dtype, options):
         _check_backend(name, device, dtype, options)
 
+        budget = options.memory_budget_bytes
+
         def op(hidden, weight, labels):
             out = linear_preference_loss(
-                hidden, weight, labels, loss_type="sigmoid", beta=BETA, backend=name, single_pass=single_pass
+                hidden,
+                weight,
+                labels,
+                loss_type="sigmoid",
+                beta=BETA,
+                backend=name,
+                single_pass=single_pass,
+                memory_budget_bytes=budget,
             )
             return out.loss, out.policy.logps
 
         extra = "" if single_pass is None else f", single_pass={single_pass}"
+        extra += "" if budget is None else f", memory_budget_bytes={budget}"
         source = f"pyfastpo {__version__} linear_preference_loss(backend={name!r}{extra})"
         return _compiled(op, source, compiled, options)
 

@@ -322,8 +322,7 @@ def _mallows_dispersion(dispersion, hc, hr, nc, nr, vocab_size, scale) -> torch.
     return dispersion_from_entropy(hc, hr, nc, nr, vocab_size, scale)
 
 
-# The per-pair tensors preference_loss takes besides the policy log-probs.
-_VECTOR_ARGS = (
+PER_PAIR_ARGS = (
     "ref_chosen_logps",
     "ref_rejected_logps",
     "chosen_num_tokens",
@@ -334,6 +333,7 @@ _VECTOR_ARGS = (
     "pair_weights",
     "chosen_nll_logps",
 )
+"""The per-pair ``[B]`` tensors preference_loss takes besides the policy log-probs."""
 # Scalar options check_loss_options takes under the same names.
 
 COMPUTED_BY_ENTRY_POINTS = frozenset({"chosen_num_tokens", "rejected_num_tokens", "vocab_size", "chosen_nll_logps"})
@@ -374,7 +374,7 @@ def check_loss_kwargs(
     types = set(
         check_loss_options(loss_type, **scalars, dispersion_given=dispersion is not None, vocab_size=vocab_size).types
     )
-    for name in _VECTOR_ARGS:
+    for name in PER_PAIR_ARGS:
         value = loss_kwargs.get(name)
         _check_vector(name, value, num_pairs)
         if value is not None and value.device != device:
