@@ -33,7 +33,14 @@ from .pairs import (
     pair_loss_from_stats,
     wpo_pair_weights,
 )
-from .sequence_logps import IGNORE_INDEX, SequenceLogps, first_order_only, reduce_tokens, token_grad_scale
+from .sequence_logps import (
+    IGNORE_INDEX,
+    SequenceLogps,
+    first_order_only,
+    make_sequence_logps,
+    reduce_tokens,
+    token_grad_scale,
+)
 from .validation import (
     FLOAT_DTYPES,
     check_flags,
@@ -316,14 +323,8 @@ def linear_sequence_logps(
     logps, num_tokens, entropy, mean_logits, sq, _, unweighted = _linear_op(
         hidden, weight, bias, labels, token_weights, int(ignore_index), impl.name, chunk, proj, return_log_sum_sq
     )
-    return SequenceLogps(
-        logps,
-        num_tokens,
-        entropy if return_entropy else None,
-        mean_logits,
-        sq if return_log_sum_sq else None,
-        unweighted if token_weights is not None else None,
-    )
+    per_seq = (logps, num_tokens, entropy, mean_logits, sq, unweighted)
+    return make_sequence_logps(per_seq, return_entropy, return_log_sum_sq, token_weights is not None)
 
 
 def linear_preference_loss(

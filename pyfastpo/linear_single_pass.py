@@ -42,7 +42,7 @@ import torch
 from .backends import TokenStats
 from .linear_chunks import add_chunk_gradients, cast, project
 from .losses.options import loss_types
-from .sequence_logps import SequenceLogps, first_order_only, reduce_tokens, token_grad_scale
+from .sequence_logps import SequenceLogps, first_order_only, make_sequence_logps, reduce_tokens, token_grad_scale
 from .validation import check_label_values
 
 NON_SEPARABLE = frozenset({"aot", "aot_unpaired", "sft"})
@@ -149,14 +149,8 @@ def single_pass(
     logps, entropy, mean_logits, log_sum_sq, unweighted = reduce_tokens(
         _token_stats(per_tok, with_log_sum_sq), num_tokens, weight.shape[0], token_weights
     )
-    policy = SequenceLogps(
-        logps,
-        num_tokens,
-        entropy,
-        mean_logits,
-        log_sum_sq if with_log_sum_sq else None,
-        unweighted if token_weights is not None else None,
-    )
+    per_seq = (logps, num_tokens, entropy, mean_logits, log_sum_sq, unweighted)
+    policy = make_sequence_logps(per_seq, True, with_log_sum_sq, token_weights is not None)
     grads = (
         grad_hidden,
         None if grad_weight is None else grad_weight.to(weight.dtype),

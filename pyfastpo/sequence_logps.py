@@ -60,6 +60,21 @@ def reduce_tokens(stats: TokenStats, num_tokens: torch.Tensor, vocab: int, token
     return logps, stats.entropy.sum(dim=1), stats.sum_logits.sum(dim=1) / denom, sq, unweighted
 
 
+def make_sequence_logps(per_seq: tuple, entropy: bool, log_sum_sq: bool, weighted: bool) -> SequenceLogps:
+    """:class:`SequenceLogps` from the per-sequence tensors ``(logps, num_tokens, entropy,
+    mean_logits, log_sum_sq, unweighted_logps)`` the paths compute, each optional field None
+    unless asked for (``entropy``, ``log_sum_sq``) or meaningful (``weighted``: token weights)."""
+    logps, num_tokens, ent, mean_logits, sq, unweighted = per_seq
+    return SequenceLogps(
+        logps,
+        num_tokens,
+        ent if entropy else None,
+        mean_logits,
+        sq if log_sum_sq else None,
+        unweighted if weighted else None,
+    )
+
+
 def token_grad_scale(grad_logps, grad_unweighted, token_weights, dtype: torch.dtype) -> torch.Tensor:
     """The contiguous gradient scale the backends take: ``[N]`` per sequence, or ``[N, T]``
     per token with ``token_weights`` (d logps / d logp_t = w_t, d unweighted_logps /
@@ -311,11 +326,5 @@ def sequence_logps(
     logps, num_tokens, entropy, mean_logits, sq, _, unweighted = _sequence_logps_op(
         logits, labels, token_weights, int(ignore_index), impl.name, inplace, return_log_sum_sq
     )
-    return SequenceLogps(
-        logps,
-        num_tokens,
-        entropy if return_entropy else None,
-        mean_logits,
-        sq if return_log_sum_sq else None,
-        unweighted if token_weights is not None else None,
-    )
+    per_seq = (logps, num_tokens, entropy, mean_logits, sq, unweighted)
+    return make_sequence_logps(per_seq, return_entropy, return_log_sum_sq, token_weights is not None)
