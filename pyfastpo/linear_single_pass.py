@@ -112,7 +112,7 @@ def single_pass(
     half = n // 2
     device = hidden.device
     cdtype = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
-    fields = 5 + with_log_sum_sq  # TokenStats' fields (log_sum_sq on request)
+    fields = len(TokenStats._fields) - (not with_log_sum_sq)  # log_sum_sq, the last, on request
     per_tok = torch.zeros(fields, n, t, dtype=cdtype, device=device)
     valid = labels != ignore_index
     need_h, need_w = hidden.requires_grad, weight.requires_grad
@@ -147,7 +147,7 @@ def single_pass(
             del logits, grad_logits, stats
     num_tokens = valid.sum(dim=1)
     logps, entropy, mean_logits, log_sum_sq, unweighted = reduce_tokens(
-        _token_stats(per_tok, with_log_sum_sq), num_tokens, weight.shape[0], token_weights
+        _token_stats(per_tok), num_tokens, weight.shape[0], token_weights
     )
     per_seq = (logps, num_tokens, entropy, mean_logits, log_sum_sq, unweighted)
     policy = make_sequence_logps(per_seq, True, with_log_sum_sq, token_weights is not None)
@@ -159,9 +159,10 @@ def single_pass(
     return policy, grads
 
 
-def _token_stats(per_tok: torch.Tensor, with_log_sum_sq: bool) -> TokenStats:
-    """Per-token stats ``[fields, N, T]`` as :class:`TokenStats` (``log_sum_sq`` None without it)."""
-    return TokenStats(*per_tok) if with_log_sum_sq else TokenStats(*per_tok, None)
+def _token_stats(per_tok: torch.Tensor) -> TokenStats:
+    """Per-token stats ``[fields, N, T]`` as :class:`TokenStats` (``log_sum_sq`` None when
+    the buffer has no row for it)."""
+    return TokenStats(*per_tok) if per_tok.shape[0] == len(TokenStats._fields) else TokenStats(*per_tok, None)
 
 
 def _sequence_gradients(per_tok, valid, weights, vocab: int, group_losses, pairs, num_pairs: int) -> torch.Tensor:
@@ -170,16 +171,15 @@ def _sequence_gradients(per_tok, valid, weights, vocab: int, group_losses, pairs
     group's per-pair losses, over the batch's pair count ``N/2`` (the loss is their mean),
     differentiated w.r.t. the group's log-probs."""
     num_tokens = valid.sum(dim=1)
-    with_sq = per_tok.shape[0] > 5
-    logps, entropy, mean_logits, log_sum_sq, unweighted = reduce_tokens(
-        _token_stats(per_tok, with_sq), num_tokens, vocab, weights
-    )
+    token_stats = _token_stats(per_tok)
+    logps, entropy, mean_logits, log_sum_sq, unweighted = reduce_tokens(token_stats, num_tokens, vocab, weights)
     with torch.enable_grad():
         logps = logps.detach().requires_grad_()
-        unweighted = unweighted.detach().requires_grad_() if weights is not None else None
-        stats = SequenceLogps(logps, num_tokens, entropy, mean_logits, log_sum_sq if with_sq else None, unweighted)
+        unweighted = unweighted.detach().requires_grad_()
+        per_seq = (logps, num_tokens, entropy, mean_logits, log_sum_sq, unweighted)
+        stats = make_sequence_logps(per_seq, True, token_stats.log_sum_sq is not None, weights is not None)
         total = group_losses(stats, pairs).sum() / num_pairs
-        inputs = [logps] if unweighted is None else [logps, unweighted]
+        inputs = [logps] if stats.unweighted_logps is None else [logps, unweighted]
         got = torch.autograd.grad(total, inputs, allow_unused=True)
     grad_w = got[0] if got[0] is not None else torch.zeros_like(logps)
     grad_u = got[1] if len(got) > 1 else None
