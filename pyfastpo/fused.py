@@ -13,7 +13,17 @@ from .pairs import (
     wpo_pair_weights,
 )
 from .sequence_logps import IGNORE_INDEX, sequence_logps
-from .validation import check_logits_labels, check_pairs, check_reference_input
+from .validation import check_logits_labels, check_pairs, check_reference_input, is_dtensor
+
+
+def _check_logits(logits, labels, ignore_index: int, name: str = "logits") -> None:
+    """:func:`check_logits_labels`, for vocab-sharded DTensor logits too."""
+    if is_dtensor(logits):
+        from .vocab_parallel import check_sharded_logits
+
+        check_sharded_logits(logits, labels, ignore_index, name)
+    else:
+        check_logits_labels(logits, labels, ignore_index, name)
 
 
 def fused_preference_loss(
@@ -45,6 +55,8 @@ def fused_preference_loss(
         loss_type, **loss_kwargs: as :func:`pyfastpo.preference_loss`; token
             counts and ``vocab_size`` are filled in from the logits.
         backend, inplace_backward, ignore_index: as :func:`pyfastpo.sequence_logps`.
+            Vocab-parallel: ``logits`` (and ``ref_logits``) may be DTensors sharded on V, as
+            in :func:`pyfastpo.sequence_logps`; the loss and metrics are the same on every rank.
         ld_alpha: LD-DPO (trl's ``ld_alpha``): each completion's tokens past the
             shorter completion of its pair weigh ``ld_alpha`` in the policy's and the
             reference logits' log-probs (:func:`pyfastpo.ld_token_weights`; precomputed
@@ -60,12 +72,12 @@ def fused_preference_loss(
     """
     # Every argument is checked before the first pass over the logits (on a GPU a
     # pass over multi-GB logits costs real time before an error would surface).
-    check_logits_labels(logits, labels, ignore_index)
+    _check_logits(logits, labels, ignore_index)
     check_pairs(logits.shape[0])
     get_backend(backend, logits.device, logits.dtype)
     if ref_logits is not None:
         check_reference_input("ref_logits", ref_logits, "logits", logits, ref_chosen_logps, ref_rejected_logps)
-        check_logits_labels(ref_logits, labels, ignore_index, name="ref_logits")
+        _check_logits(ref_logits, labels, ignore_index, name="ref_logits")
         get_backend(backend, ref_logits.device, ref_logits.dtype)
     check_pair_loss_arguments(
         logits.shape[0],

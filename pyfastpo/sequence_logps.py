@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .backends import TokenStats, backend_module, get_backend
-from .validation import check_flags, check_label_values, check_logits_labels, check_token_weights
+from .validation import check_flags, check_label_values, check_logits_labels, check_token_weights, is_dtensor
 
 IGNORE_INDEX = -100
 """The default label of tokens that do not count (prompt, padding), as in torch's
@@ -317,7 +317,25 @@ def sequence_logps(
 
     Returns:
         :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``.
+
+    Vocab-parallel: ``logits`` may be a DTensor sharded on V (``Shard(-1)``, what
+    ``ColwiseParallel(use_local_output=False)`` on the lm_head gives); each rank streams its
+    slice and the results, identical on every rank, come from two all-reduces of per-token
+    tensors (:mod:`pyfastpo.vocab_parallel`).
     """
+    if is_dtensor(logits):
+        from .vocab_parallel import sharded_sequence_logps  # imports this module
+
+        return sharded_sequence_logps(
+            logits,
+            labels,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+            backend=backend,
+            inplace_backward=inplace_backward,
+            token_weights=token_weights,
+            return_log_sum_sq=return_log_sum_sq,
+        )
     labels = check_logits_labels(logits, labels, ignore_index)
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward, return_log_sum_sq=return_log_sum_sq)
     check_token_weights(token_weights, labels)

@@ -14,6 +14,15 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (False where torch has none)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def check_plain_tensor(name: str, x) -> None:
     """Raise ValueError unless ``x`` is a plain dense tensor with strided storage.
 
@@ -45,14 +54,15 @@ def check_plain_tensor(name: str, x) -> None:
 
 
 def check_logits_labels(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, name: str = "logits"
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, name: str = "logits", vocab: int | None = None
 ) -> torch.Tensor:
     """Validate ``logits [N, T, V]`` and ``labels [N, T]``; return labels as contiguous int64.
 
     Checks the tensor kind (:func:`check_plain_tensor`), dtype, rank, shapes,
     devices and unit last stride (label values: :func:`check_label_values`, in the
     ops). ``name`` names the logits
-    in messages (e.g. ``ref_logits``).
+    in messages (e.g. ``ref_logits``). ``vocab``: the full vocabulary when ``logits`` is
+    one rank's slice of it (vocab-parallel; the slice may be empty), else ``logits``' V.
     """
     check_plain_tensor(name, logits)
     check_plain_tensor("labels", labels)
@@ -70,7 +80,8 @@ def check_logits_labels(
             f"{logits_name}' last dimension must have stride 1 (other strides are free); "
             f"pass {logits_name}.contiguous() if it comes from a transpose"
         )
-    return check_labels(labels, tuple(logits.shape[:2]), logits.shape[-1], ignore_index, logits_name)
+    vocab = logits.shape[-1] if vocab is None else vocab
+    return check_labels(labels, tuple(logits.shape[:2]), vocab, ignore_index, logits_name)
 
 
 def check_labels(labels: torch.Tensor, shape: tuple, vocab: int, ignore_index: int, against: str) -> torch.Tensor:
@@ -190,11 +201,14 @@ def check_reference_input(
     name: str, ref, like_name: str, like: torch.Tensor, ref_chosen_logps, ref_rejected_logps
 ) -> None:
     """A reference model's input ``ref`` (logits or hidden states) given with the
-    policy's ``like``: a plain tensor of the same shape, and not together with
-    precomputed reference log-probs."""
+    policy's ``like``: of the same shape and kind (a plain tensor, or vocab-sharded DTensors
+    both), and not together with precomputed reference log-probs."""
     if ref_chosen_logps is not None or ref_rejected_logps is not None:
         raise ValueError(f"give {name} or ref_chosen_logps/ref_rejected_logps, not both")
-    check_plain_tensor(name, ref)
+    if is_dtensor(like) and not is_dtensor(ref):
+        raise ValueError(f"{like_name} is a vocab-sharded DTensor, so {name} must be one too (same mesh)")
+    if not is_dtensor(like):
+        check_plain_tensor(name, ref)
     if tuple(ref.shape) != tuple(like.shape):
         raise ValueError(f"{name} shape {tuple(ref.shape)} must equal {like_name} shape {tuple(like.shape)}")
 
