@@ -52,6 +52,7 @@ from .validation import (
     check_reference_input,
     check_same_device,
     check_token_weights,
+    is_dtensor,
 )
 
 DEFAULT_MEMORY_BUDGET = {"cuda": 1 << 30, "cpu": 256 << 20}
@@ -256,7 +257,13 @@ _linear_op.register_autograd(_linear_autograd, setup_context=_linear_setup_conte
 
 def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden", w_name="weight", b_name="bias"):
     """Validate one projection's inputs (``what``, ``w_name``, ``b_name`` name them in
-    messages); return the labels as contiguous int64."""
+    messages); return the labels as contiguous int64. A vocab-sharded weight (DTensor,
+    :mod:`pyfastpo.vocab_parallel_linear`) is checked through its local rows."""
+    vocab = weight.shape[0]
+    if is_dtensor(weight):
+        from .vocab_parallel_linear import local_head
+
+        weight, bias = local_head(weight, bias, w_name, b_name)[:2]
     for name, x in ((what, hidden), (w_name, weight), ("labels", labels)) + (
         ((b_name, bias),) if bias is not None else ()
     ):
@@ -279,7 +286,7 @@ def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden", w_n
                 f"{what} ({hidden.dtype}) and {name} ({x.dtype}) must share a dtype; cast with .to({hidden.dtype})"
             )
     check_same_device(**{what: hidden, w_name: weight, b_name: bias, "labels": labels})
-    return check_labels(labels, tuple(hidden.shape[:2]), weight.shape[0], ignore_index, what)
+    return check_labels(labels, tuple(hidden.shape[:2]), vocab, ignore_index, what)
 
 
 def linear_sequence_logps(
@@ -310,10 +317,30 @@ def linear_sequence_logps(
         backend: as :func:`pyfastpo.sequence_logps`, for the per-chunk kernels.
         token_weights, return_log_sum_sq: as in :func:`pyfastpo.sequence_logps`.
 
+    Vocab-parallel: ``weight`` (and ``bias``) may be DTensors sharded by rows (``Shard(0)``,
+    a ``ColwiseParallel`` lm_head) with ``hidden`` the same plain tensor on every rank: each
+    rank projects onto its rows only (:mod:`pyfastpo.vocab_parallel_linear`).
+
     Returns:
         :class:`SequenceLogps`, each ``[N]``; ``logps`` differentiable w.r.t.
         ``hidden``, ``weight`` and ``bias``.
     """
+    if is_dtensor(weight):  # vocab-parallel: weight (and bias) DTensors sharded by rows
+        from .vocab_parallel_linear import sharded_linear_sequence_logps
+
+        return sharded_linear_sequence_logps(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+            backend=backend,
+            chunk_tokens=chunk_tokens,
+            memory_budget_bytes=memory_budget_bytes,
+            token_weights=token_weights,
+            return_log_sum_sq=return_log_sum_sq,
+        )
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     check_token_weights(token_weights, labels)
     check_flags(return_entropy=return_entropy, return_log_sum_sq=return_log_sum_sq)
@@ -371,6 +398,7 @@ def linear_preference_loss(
             two passes. Only ``loss`` is differentiable then (``losses`` and the policy's
             ``logps`` come detached). True: require it (ValueError saying why not); False:
             always two passes. The output's ``mode`` says which ran and why.
+            A vocab-sharded ``weight`` (as in :func:`linear_sequence_logps`) takes two passes.
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies included).
@@ -387,7 +415,8 @@ def linear_preference_loss(
         check_reference_input("ref_hidden", ref_hidden, "hidden", hidden, ref_chosen_logps, ref_rejected_logps)
         ref_w = weight if ref_weight is None else ref_weight
         ref_b = bias if ref_weight is None and ref_bias is None else ref_bias
-        check_plain_tensor("ref_weight", ref_w)
+        if not is_dtensor(ref_w):
+            check_plain_tensor("ref_weight", ref_w)
         if ref_w.dim() == 2 and ref_w.shape[0] != weight.shape[0]:
             raise ValueError(
                 f"ref_weight has {ref_w.shape[0]} rows (V) but weight has {weight.shape[0]}: same vocabulary needed"
@@ -417,7 +446,12 @@ def linear_preference_loss(
     )
     others = (ref_chosen_logps, ref_rejected_logps, *loss_kwargs.values())
     graded = any(isinstance(x, torch.Tensor) and x.requires_grad for x in others)
-    groups, mode = _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass, proj, graded)
+    if is_dtensor(weight):
+        if single_pass:
+            raise ValueError("single_pass=True cannot run with a vocab-sharded weight; leave single_pass unset")
+        groups, mode = None, "two-pass: vocab-sharded weight (one merge of every rank's stats per step)"
+    else:
+        groups, mode = _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass, proj, graded)
     reference = None
     if ref_hidden is not None:  # first: the single pass reads the reference's statistics
         with torch.no_grad():

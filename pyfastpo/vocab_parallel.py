@@ -122,7 +122,8 @@ def local_forward(impl, logits: torch.Tensor, lab: LocalLabels, with_log_sum_sq:
     cdtype = stat_dtype(logits.dtype)
     if logits.shape[-1] == 0:
         zeros = torch.zeros(lab.valid.shape, dtype=cdtype, device=logits.device)
-        empty = TokenStats(zeros, torch.full_like(zeros, -float("inf")), zeros, zeros, zeros, zeros)
+        sq = zeros if with_log_sum_sq else None  # every rank runs the same collectives
+        empty = TokenStats(zeros, torch.full_like(zeros, -float("inf")), zeros, zeros, zeros, sq)
         return empty, zeros
     if with_log_sum_sq:
         stats = impl.forward(logits, lab.labels, LOCAL_IGNORE, log_sum_sq=True)
