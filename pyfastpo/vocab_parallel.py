@@ -93,6 +93,27 @@ def vocab_shard(x, vocab_dim: int, name: str) -> VocabShard:
     return VocabShard(local, mesh.get_group(mesh_dim), int(offset), int(x.shape[dim]))
 
 
+def check_same_on_ranks(group, hint: str, **tensors: torch.Tensor | None) -> None:
+    """Raise ValueError on every rank of ``group`` unless each tensor is the same on all of
+    them (compared by float64 sums of values and squares: one all-reduce of a few numbers).
+    A vocab-parallel call needs the same tokens everywhere; a data-parallel rank's own
+    batch with a weight sharded by FSDP (also ``Shard(0)`` DTensors) would otherwise give
+    silently wrong numbers. ``hint`` ends the message."""
+    names = [k for k, x in tensors.items() if x is not None]
+    xs = [tensors[k].detach().double() for k in names]
+    sums = torch.stack([s for x in xs for s in (x.sum(), (x * x).sum())])
+    both = torch.cat((sums, -sums))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    n = sums.numel()
+    differ = ~(torch.isclose(both[:n], -both[n:], rtol=1e-12, atol=0) | torch.isnan(sums))
+    if bool(differ.any()):
+        which = sorted({names[i // 2] for i in differ.nonzero().flatten().tolist()})
+        raise ValueError(
+            f"{', '.join(which)} differ across the ranks that shard the vocabulary; a vocab-parallel call needs "
+            f"the same tokens on every rank of the tensor-parallel group. {hint}"
+        )
+
+
 class LocalLabels(NamedTuple):
     """A rank's view of the labels ``[N, T]`` (or ``[C, 1]``) for its slice.
 
@@ -252,6 +273,7 @@ def sharded_sequence_logps(
     ``[4 or 5, N, T]``."""
     shard, labels = check_sharded_logits(logits, labels, ignore_index)
     token_weights = replicated_local(token_weights, "token_weights")
+    check_same_on_ranks(shard.group, "", labels=labels, token_weights=token_weights)
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward, return_log_sum_sq=return_log_sum_sq)
     check_token_weights(token_weights, labels)
     local = shard.local

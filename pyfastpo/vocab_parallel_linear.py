@@ -22,7 +22,12 @@ from .linear import _check_linear, _chunk_tokens, projection_dtype
 from .linear_chunks import add_chunk_gradients, cast, project
 from .sequence_logps import SequenceLogps, first_order_only, make_sequence_logps, reduce_tokens, stat_dtype
 from .validation import check_flags, check_label_values, check_not_capturing, check_token_weights
-from .vocab_parallel import local_backward, local_forward, local_labels, merge, vocab_shard
+from .vocab_parallel import check_same_on_ranks, local_backward, local_forward, local_labels, merge, vocab_shard
+
+FSDP_HINT = (
+    "If the weight is an FSDP-sharded parameter (fully_shard also makes Shard(0) DTensors), run the loss "
+    "inside the lm_head's forward: pyfastpo.distributed.lm_head_preference_loss(lm_head, hidden, labels, ...)"
+)
 
 
 class ShardedLinearLogps(torch.autograd.Function):
@@ -137,6 +142,7 @@ def sharded_linear_sequence_logps(
     check_token_weights(token_weights, labels)
     check_flags(return_entropy=return_entropy, return_log_sum_sq=return_log_sum_sq)
     w, b, offset, vocab, group = local_head(weight, bias)
+    check_same_on_ranks(group, FSDP_HINT, hidden=hidden, labels=labels, token_weights=token_weights)
     check_label_values(labels, vocab, ignore_index)
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)

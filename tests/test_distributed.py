@@ -124,3 +124,175 @@ def test_vocab_parallel_logits_match_one_process(world, vocab, backend, tmp_path
             _assert_same(r["got"], r["want"], f"rank {rank} {key}")
             tol = dict(rtol=1e-2, atol=1e-2) if bf16 else dict(rtol=RTOL, atol=1e-7)
             torch.testing.assert_close(r["grad"], r["want_grad"], **tol, msg=lambda m, k=key: f"{k} grad: {m}")
+
+
+# ------------------------------------------------------- a tiny model for the wrapped runs
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, one tanh layer, an lm_head: ``forward(ids)`` gives logits, ``backbone(ids)``
+    the last hidden states."""
+
+    def __init__(self, vocab: int, hidden: int = 12, bias: bool = False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.body = torch.nn.Linear(hidden, hidden)
+        self.lm_head = torch.nn.Linear(hidden, vocab, bias=bias)
+
+    def backbone(self, ids):
+        return torch.tanh(self.body(self.embed(ids)))
+
+    def forward(self, ids, head: bool = True):
+        h = self.backbone(ids)
+        return self.lm_head(h) if head else h
+
+
+def _model(vocab: int, bias: bool = False) -> TinyLM:
+    torch.manual_seed(0)
+    model = TinyLM(vocab, bias=bias)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.5)  # larger logits than the default init
+    return model
+
+
+def _rank_batch(rank: int, vocab: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randint(0, vocab, (4, 10), generator=g)
+    labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=IGNORE)
+    labels[:, :3] = IGNORE
+    return ids, labels
+
+
+LOSS = dict(loss_type="mallows_dpo", beta=0.2, backend="cpp")
+
+
+def _logits_loss(model, ref_model, ids, labels):
+    with torch.no_grad():
+        ref_logits = ref_model(ids)
+    return pyfastpo.fused_preference_loss(model(ids), labels, ref_logits=ref_logits, **LOSS)
+
+
+def _linear_loss(model, ref_model, ids, labels, *, lm_head=None, ref_lm_head=None, ref_backbone=None):
+    from pyfastpo.distributed import lm_head_preference_loss
+
+    with torch.no_grad():
+        ref_hidden = (ref_backbone or ref_model.backbone)(ids)
+    hidden = model(ids, head=False)
+    return lm_head_preference_loss(
+        lm_head or model.lm_head, hidden, labels, ref_hidden=ref_hidden, ref_lm_head=ref_lm_head, **LOSS
+    )
+
+
+def _one_process(vocab: int, world: int, path: str, bias: bool = False) -> dict:
+    """Per-rank loss summaries and the gradient every data-parallel rank should hold: the mean
+    over ranks of one process's gradients (DDP and FSDP average)."""
+    summaries, grads = [], []
+    for rank in range(world):
+        model, ref_model = _model(vocab, bias), _model(vocab, bias)
+        ids, labels = _rank_batch(rank, vocab)
+        out = (_logits_loss if path == "logits" else _linear_loss)(model, ref_model, ids, labels)
+        out.loss.backward()
+        summaries.append(_loss_summary(out))
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    mean = {k: torch.stack([g[k] for g in grads]).mean(0) for k in grads[0]}
+    return dict(summaries=summaries, grads=mean)
+
+
+def _ddp_case(rank: int, world: int, vocab: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    results = {}
+    for path in ("logits", "linear"):
+        model, ref_model = _model(vocab), _model(vocab)
+        ddp = DistributedDataParallel(model)
+        ids, labels = _rank_batch(rank, vocab)
+        if path == "logits":
+            out = _logits_loss(ddp, ref_model, ids, labels)
+        else:  # the backbone through DDP's forward; the lm_head read directly
+            out = _linear_loss(lambda i, head: ddp(i, head=head), ref_model, ids, labels, lm_head=model.lm_head)
+        out.loss.backward()
+        results[path] = dict(summary=_loss_summary(out), grads={k: p.grad for k, p in model.named_parameters()})
+    return results
+
+
+def _fsdp_case(rank: int, world: int, vocab: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for path in ("logits", "linear"):
+        model, ref_model = _model(vocab), _model(vocab)
+        for m in (model, ref_model):  # the lm_head its own unit, then the root
+            fully_shard(m.lm_head, mesh=mesh)
+            fully_shard(m, mesh=mesh)
+        ids, labels = _rank_batch(rank, vocab)
+        if path == "logits":
+            out = _logits_loss(model, ref_model, ids, labels)
+        else:
+            ref_backbone = lambda i: ref_model(i, head=False)  # noqa: E731 (root forward: FSDP gathers)
+            out = _linear_loss(model, ref_model, ids, labels, ref_lm_head=ref_model.lm_head, ref_backbone=ref_backbone)
+        out.loss.backward()
+        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+        results[path] = dict(summary=_loss_summary(out), grads=grads)
+    # FSDP's sharded weight (a Shard(0) DTensor) read outside the lm_head's forward looks like
+    # a vocab-parallel one: the ranks' different batches give it away, before any kernel.
+    with pytest.raises(ValueError, match="hidden, labels differ across.*lm_head_preference_loss"):
+        pyfastpo.linear_preference_loss(model(ids, head=False), model.lm_head.weight, labels, backend="cpp")
+    return results
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_data_parallel_both_paths_match_one_process(wrapper, tmp_path):
+    vocab, world = 37, 2
+    case = _ddp_case if wrapper == "ddp" else _fsdp_case
+    for rank, results in enumerate(run_ranks(case, world, tmp_path, vocab)):
+        for path, r in results.items():
+            want = _one_process(vocab, world, path)
+            _assert_same(r["summary"], want["summaries"][rank], f"{wrapper} {path} rank {rank}")
+            _assert_same(r["grads"], want["grads"], f"{wrapper} {path} grads", atol=1e-7)
+
+
+def _tp_module_case(rank: int, world: int, vocab: int, bias: bool) -> dict:
+    """The lm_head tensor-parallel as torchtitan/Megatron shard it: ColwiseParallel, logits
+    left as a DTensor sharded on V; every rank holds the same batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    ids, labels = _rank_batch(0, vocab)
+    for path in ("logits", "linear"):
+        model, ref_model = _model(vocab, bias), _model(vocab, bias)
+        for m in (model, ref_model):
+            parallelize_module(m, mesh, {"lm_head": ColwiseParallel(use_local_output=False)})
+        if path == "logits":
+            out = _logits_loss(model, ref_model, ids, labels)
+        else:
+            with torch.no_grad():
+                ref_hidden = ref_model.backbone(ids)
+            out = pyfastpo.linear_preference_loss(
+                model.backbone(ids),
+                model.lm_head.weight,
+                labels,
+                bias=model.lm_head.bias,
+                ref_hidden=ref_hidden,
+                ref_weight=ref_model.lm_head.weight,
+                ref_bias=ref_model.lm_head.bias,
+                chunk_tokens=5,  # several chunks
+                **LOSS,
+            )
+        out.loss.backward()
+        grads = {k: getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for k, p in model.named_parameters()}
+        results[path] = dict(summary=_loss_summary(out), grads=grads)
+    return results
+
+
+@pytest.mark.parametrize("world, vocab, bias", [(2, 38, False), (4, 37, True)])
+def test_tensor_parallel_lm_head_matches_one_process(world, vocab, bias, tmp_path):
+    for rank, results in enumerate(run_ranks(_tp_module_case, world, tmp_path, vocab, bias)):
+        for path, r in results.items():
+            want = _one_process(vocab, 1, path, bias)
+            _assert_same(r["summary"], want["summaries"][0], f"tp{world} {path} rank {rank}")
+            _assert_same(r["grads"], want["grads"], f"tp{world} {path} grads", atol=1e-7)
