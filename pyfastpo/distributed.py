@@ -23,8 +23,10 @@ from .pairs import FusedPreferenceLossOutput
 
 
 @contextlib.contextmanager
-def _forward_replaced(module: torch.nn.Module, forward):
-    """``module.forward`` is ``forward`` inside the block (the module's hooks stay)."""
+def forward_replaced(module: torch.nn.Module, forward):
+    """Inside the block ``module.forward`` is ``forward`` (an instance attribute over the
+    class's method; the module's hooks stay): calling the module, or a wrapper around it
+    (DDP, FSDP2, PEFT), runs ``forward`` with every wrapper hook around it."""
     had_own = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
     module.forward = forward
@@ -96,7 +98,7 @@ def lm_head_preference_loss(
             ref = dict(ref_hidden=ref_hidden, ref_weight=head.weight.detach(), ref_bias=_detached(head.bias))
         return linear_preference_loss(h, lm_head.weight, labels, bias=lm_head.bias, **ref, **kwargs)
 
-    with gathered(ref_lm_head if other_ref and ref_hidden is not None else None), _forward_replaced(lm_head, forward):
+    with gathered(ref_lm_head if other_ref and ref_hidden is not None else None), forward_replaced(lm_head, forward):
         return lm_head(hidden)
 
 

@@ -25,6 +25,7 @@ construction; none is ignored.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -41,8 +42,10 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import hash_module, use_adapter
 
 from ..backends import available_backends
+from ..distributed import forward_replaced, lm_head_preference_loss
+from ..distributed import gathered as gathered_module
 from ..fused import fused_preference_loss
-from ..linear import linear_preference_loss
+from ..linear import linear_preference_loss, linear_sequence_logps
 from ..losses import check_loss_options, needs_reference_entropy
 from ..pairs import REFERENCE_ENTROPIES, ld_token_weights
 from ..sequence_logps import IGNORE_INDEX, sequence_logps
@@ -173,11 +176,7 @@ class FastDPOTrainer(DPOTrainer):
                 "set router_aux_loss_coef=0.0 or use_fused_linear=False"
             )
         if self.accelerator.num_processes > 1:
-            raise ValueError(
-                "use_fused_linear=True runs the backbone outside the distributed wrapper (DDP/FSDP/ZeRO would "
-                "not synchronize or gather the lm_head): it supports single-process training only; "
-                "set use_fused_linear=False"
-            )
+            self._check_fused_linear_wrapper()
         model = self.accelerator.unwrap_model(self.model)
         config = getattr(model, "config", None)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -202,6 +201,23 @@ class FastDPOTrainer(DPOTrainer):
                     "use_fused_linear=True calls the backbone directly, which skips the virtual tokens of "
                     "prompt-learning PEFT methods; use LoRA or set use_fused_linear=False"
                 )
+
+    def _check_fused_linear_wrapper(self) -> None:
+        """Multi-process fused linear runs inside the wrapped model's forward (DDP, FSDP2):
+        refuse the wrappers that shard parameters in ways that path was not built for."""
+        supported = "it supports DDP and FSDP2 (fsdp_version=2) multi-process training"
+        if self.is_deepspeed_enabled:
+            stage = self.accelerator.state.deepspeed_plugin.zero_stage
+            if stage == 3:
+                raise ValueError(
+                    f"use_fused_linear=True does not support DeepSpeed ZeRO-3 (partitioned lm_head weight): {supported}; "
+                    "use FSDP2 or set use_fused_linear=False"
+                )
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                f"use_fused_linear=True does not support FSDP1 (flat parameters): {supported}; "
+                "set fsdp_version=2 in the FSDP config or use_fused_linear=False"
+            )
 
     # -------------------------------------------------- precomputed reference
 
@@ -321,7 +337,7 @@ class FastDPOTrainer(DPOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._pyfastpo_use_linear:
-            return self._compute_loss_linear(self.accelerator.unwrap_model(model), inputs, return_outputs)
+            return self._compute_loss_linear(model, inputs, return_outputs)
         return self._compute_loss(model, inputs, return_outputs)
 
     def _reference_inputs(self, inputs):
@@ -407,10 +423,16 @@ class FastDPOTrainer(DPOTrainer):
         labels = _next_token_labels(inputs["input_ids"], inputs["completion_mask"])
 
         ref_kwargs = self._reference_inputs(inputs)  # precomputed, {}, or None: streamed from the reference model
-        if ref_kwargs is None:
-            ref_out, ref_head = self._reference_forward(model, model_kwargs, backbone_only=True)
-            ref_kwargs = dict(ref_hidden=ref_out.last_hidden_state, ref_weight=ref_head.weight, ref_bias=ref_head.bias)
-        out = self._pyfastpo_policy_linear_loss(_causal_lm(model), model_kwargs, labels, ref_kwargs)
+        if self.accelerator.num_processes > 1:
+            out = self._linear_loss_in_forward(model, model_kwargs, labels, ref_kwargs)
+        else:
+            model = self.accelerator.unwrap_model(model)
+            if ref_kwargs is None:
+                ref_out, ref_head = self._reference_forward(model, model_kwargs, backbone_only=True)
+                ref_kwargs = dict(
+                    ref_hidden=ref_out.last_hidden_state, ref_weight=ref_head.weight, ref_bias=ref_head.bias
+                )
+            out = self._pyfastpo_policy_linear_loss(_causal_lm(model), model_kwargs, labels, ref_kwargs)
         chosen_logps, rejected_logps = out.policy.logps.chunk(2)
         # Like trl's Liger path: no mean_token_accuracy (it needs the argmax of logits that never exist).
         self._log_policy_stats(mode, inputs, out.policy)
@@ -433,6 +455,71 @@ class FastDPOTrainer(DPOTrainer):
             **ref_kwargs,
             **self._pyfastpo_loss_kwargs,
         )
+
+    def _linear_loss_in_forward(self, model, model_kwargs, labels, ref_kwargs):
+        """The fused-linear step run inside the wrapped model's forward (multi-process): DDP
+        prepares its gradient reduction, FSDP2 gathers the parameters its root holds (the
+        lm_head's among them) and reduce-scatters their gradients, as for any forward. The
+        lm_head is called through :func:`pyfastpo.distributed.lm_head_preference_loss` (a
+        unit of its own is gathered by its hooks). A streamed reference runs the same way,
+        inside its own model's forward, to per-sequence log-probs and entropies."""
+        if ref_kwargs is None:
+            ref_kwargs = self._reference_stats_in_forward(model, model_kwargs, labels)
+        inner = _causal_lm(self.accelerator.unwrap_model(model))
+
+        def forward(*_args, **_kwargs):  # the wrapper passes model_kwargs back (maybe cast): read them here
+            hidden = _backbone(inner)(**model_kwargs).last_hidden_state
+            return lm_head_preference_loss(
+                inner.get_output_embeddings(),
+                hidden,
+                labels,
+                backend=self._pyfastpo_backend,
+                ld_alpha=self.args.ld_alpha,
+                use_weighting=self.args.use_weighting,
+                **ref_kwargs,
+                **self._pyfastpo_loss_kwargs,
+            )
+
+        with forward_replaced(inner, forward):
+            return model(**model_kwargs)
+
+    def _reference_stats_in_forward(self, model, model_kwargs, labels) -> dict:
+        """The reference's per-sequence log-probs (and entropies for the Mallows losses) from
+        its hidden states and lm_head, run inside its model's forward (``ref_model``, or the
+        policy with its adapter off): what :func:`linear_preference_loss` computes from
+        ``ref_hidden``, handed over as precomputed values."""
+        weights = None if self.args.ld_alpha is None else ld_token_weights(labels, self.args.ld_alpha)
+        unwrapped = self.accelerator.unwrap_model(model)
+        peft_ref = self.ref_model is None and is_peft_model(unwrapped)
+        top = model if self.ref_model is None else self.ref_model
+        inner = _causal_lm(self.accelerator.unwrap_model(top))
+
+        def forward(*_args, **_kwargs):
+            hidden = _backbone(inner)(**model_kwargs).last_hidden_state
+            head = inner.get_output_embeddings()
+            with gathered_module(head):
+                return linear_sequence_logps(
+                    hidden,
+                    head.weight,
+                    labels,
+                    bias=head.bias,
+                    return_entropy=True,
+                    backend=self._pyfastpo_backend,
+                    token_weights=weights,
+                )
+
+        adapter = "ref" if peft_ref and "ref" in unwrapped.peft_config else None
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            use_adapter(unwrapped, adapter_name=adapter) if peft_ref else contextlib.nullcontext(),
+            forward_replaced(inner, forward),
+        ):
+            stats = top(**model_kwargs)
+        ref = dict(zip(("ref_chosen_logps", "ref_rejected_logps"), stats.logps.chunk(2)))
+        if self._pyfastpo_needs_entropy:
+            ref.update(zip(REFERENCE_ENTROPIES, stats.entropy.chunk(2)))
+        return ref
 
     def _log_policy_stats(self, mode, inputs, policy):
         """entropy, num_tokens and logits/* exactly as trl logs them, from the policy's
