@@ -30,10 +30,10 @@ import torch.distributed as dist
 from .backends import TokenStats, backend_module, get_backend
 from .sequence_logps import (
     SequenceLogps,
+    _has_internal_overlap,
     first_order_only,
     make_sequence_logps,
     reduce_tokens,
-    _has_internal_overlap,
     run_backward,
     stat_dtype,
 )

@@ -5,7 +5,7 @@ checks into one spawn (starting processes is the slow part)."""
 
 from __future__ import annotations
 
-import copy
+import functools
 
 import pytest
 import torch
@@ -210,7 +210,7 @@ def _ddp_case(rank: int, world: int, vocab: int) -> dict:
         if path == "logits":
             out = _logits_loss(ddp, ref_model, ids, labels)
         else:  # the backbone through DDP's forward; the lm_head read directly
-            out = _linear_loss(lambda i, head: ddp(i, head=head), ref_model, ids, labels, lm_head=model.lm_head)
+            out = _linear_loss(ddp, ref_model, ids, labels, lm_head=model.lm_head)
         out.loss.backward()
         results[path] = dict(summary=_loss_summary(out), grads={k: p.grad for k, p in model.named_parameters()})
     return results
@@ -231,7 +231,7 @@ def _fsdp_case(rank: int, world: int, vocab: int) -> dict:
         if path == "logits":
             out = _logits_loss(model, ref_model, ids, labels)
         else:
-            ref_backbone = lambda i: ref_model(i, head=False)  # noqa: E731 (root forward: FSDP gathers)
+            ref_backbone = functools.partial(ref_model, head=False)  # the root's forward: FSDP gathers
             out = _linear_loss(model, ref_model, ids, labels, ref_lm_head=ref_model.lm_head, ref_backbone=ref_backbone)
         out.loss.backward()
         grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}

@@ -210,8 +210,8 @@ class FastDPOTrainer(DPOTrainer):
             stage = self.accelerator.state.deepspeed_plugin.zero_stage
             if stage == 3:
                 raise ValueError(
-                    f"use_fused_linear=True does not support DeepSpeed ZeRO-3 (partitioned lm_head weight): {supported}; "
-                    "use FSDP2 or set use_fused_linear=False"
+                    "use_fused_linear=True does not support DeepSpeed ZeRO-3 (partitioned lm_head weight): "
+                    f"{supported}; use FSDP2 or set use_fused_linear=False"
                 )
         if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError(
