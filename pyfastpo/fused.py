@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
+from .packed import packed_segments
 from .pairs import (
     FusedPreferenceLossOutput,
     check_pair_loss_arguments,
@@ -39,6 +40,8 @@ def fused_preference_loss(
     inplace_backward: bool = True,
     ld_alpha: float | None = None,
     use_weighting: bool = False,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     **loss_kwargs,
 ) -> FusedPreferenceLossOutput:
     """Preference loss straight from logits: ``sequence_logps`` then ``preference_loss``.
@@ -65,6 +68,11 @@ def fused_preference_loss(
         use_weighting: WPO (trl's ``use_weighting``): each pair's loss is weighted by
             :func:`pyfastpo.wpo_pair_weights`, from ``log sum_v p_v^2`` computed in the
             policy's pass.
+        position_ids, cu_seqlens: packed sequences (padding-free), as in
+            :func:`pyfastpo.sequence_logps`: S sequences, S even, the first S/2 the chosen
+            completions and the last S/2 their rejected partners (TRL concatenates chosen
+            then rejected before packing); ``ref_logits`` packed the same way, reference
+            log-probs ``[S/2]``. All per-sequence outputs are then ``[S]``.
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies
@@ -73,14 +81,17 @@ def fused_preference_loss(
     # Every argument is checked before the first pass over the logits (on a GPU a
     # pass over multi-GB logits costs real time before an error would surface).
     _check_logits(logits, labels, ignore_index)
-    check_pairs(logits.shape[0])
+    packing = dict(position_ids=position_ids, cu_seqlens=cu_seqlens)
+    segments = packed_segments(labels.shape, labels.device, **packing)
+    num_seqs = logits.shape[0] if segments is None else segments.count
+    check_pairs(num_seqs, "logits" if segments is None else "the packed logits")
     get_backend(backend, logits.device, logits.dtype)
     if ref_logits is not None:
         check_reference_input("ref_logits", ref_logits, "logits", logits, ref_chosen_logps, ref_rejected_logps)
         _check_logits(ref_logits, labels, ignore_index, name="ref_logits")
         get_backend(backend, ref_logits.device, ref_logits.dtype)
     check_pair_loss_arguments(
-        logits.shape[0],
+        num_seqs,
         logits.device,
         logits.shape[-1],
         ref_logits is not None,
@@ -91,7 +102,7 @@ def fused_preference_loss(
         ld_alpha,
         use_weighting,
     )
-    weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index)
+    weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index, **packing)
     policy = sequence_logps(
         logits,
         labels,
@@ -101,6 +112,7 @@ def fused_preference_loss(
         inplace_backward=inplace_backward,
         token_weights=weights,
         return_log_sum_sq=use_weighting,
+        **packing,
     )
     reference = None
     if ref_logits is not None:
@@ -112,6 +124,7 @@ def fused_preference_loss(
                 return_entropy=True,
                 backend=backend,
                 token_weights=weights,
+                **packing,
             )
     if use_weighting:
         loss_kwargs = dict(loss_kwargs, pair_weights=wpo_pair_weights(policy))

@@ -26,6 +26,7 @@ from .backends import TokenStats, backend_module, get_backend
 from .linear_chunks import add_chunk_gradients, cast, project
 from .linear_single_pass import attach_gradients, plan_groups, single_pass
 from .losses.preference_loss import PER_PAIR_ARGS
+from .packed import packed_segments, reduce_segments
 from .pairs import (
     FusedPreferenceLossOutput,
     check_pair_loss_arguments,
@@ -302,6 +303,8 @@ def linear_sequence_logps(
     memory_budget_bytes: int | None = None,
     token_weights: torch.Tensor | None = None,
     return_log_sum_sq: bool = False,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """:func:`pyfastpo.sequence_logps` of ``hidden @ weight.T (+ bias)`` without the full logits.
 
@@ -316,14 +319,16 @@ def linear_sequence_logps(
             CUDA, 256 MiB elsewhere: :data:`DEFAULT_MEMORY_BUDGET`).
         backend: as :func:`pyfastpo.sequence_logps`, for the per-chunk kernels.
         token_weights, return_log_sum_sq: as in :func:`pyfastpo.sequence_logps`.
+        position_ids, cu_seqlens: packed sequences, as in :func:`pyfastpo.sequence_logps`
+            (``hidden`` is viewed as ``[N*T, 1, H]``: copied once if N and T do not merge).
 
     Vocab-parallel: ``weight`` (and ``bias``) may be DTensors sharded by rows (``Shard(0)``,
     a ``ColwiseParallel`` lm_head) with ``hidden`` the same plain tensor on every rank: each
     rank projects onto its rows only (:mod:`pyfastpo.vocab_parallel_linear`).
 
     Returns:
-        :class:`SequenceLogps`, each ``[N]``; ``logps`` differentiable w.r.t.
-        ``hidden``, ``weight`` and ``bias``.
+        :class:`SequenceLogps`, each ``[N]`` (``[S]`` packed); ``logps`` differentiable
+        w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     if is_dtensor(weight):  # vocab-parallel: weight (and bias) DTensors sharded by rows
         from .vocab_parallel_linear import sharded_linear_sequence_logps
@@ -340,6 +345,8 @@ def linear_sequence_logps(
             memory_budget_bytes=memory_budget_bytes,
             token_weights=token_weights,
             return_log_sum_sq=return_log_sum_sq,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
         )
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     check_token_weights(token_weights, labels)
@@ -347,11 +354,29 @@ def linear_sequence_logps(
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
     chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
+    segments = packed_segments(labels.shape, labels.device, position_ids, cu_seqlens)
+    if segments is not None:
+        args = (token_weights, int(ignore_index), impl.name, chunk, proj, return_log_sum_sq)
+        per_seq = _packed_linear(hidden, weight, bias, labels, segments, *args)
+        return make_sequence_logps(per_seq, return_entropy, return_log_sum_sq, token_weights is not None)
     logps, num_tokens, entropy, mean_logits, sq, _, unweighted = _linear_op(
         hidden, weight, bias, labels, token_weights, int(ignore_index), impl.name, chunk, proj, return_log_sum_sq
     )
     per_seq = (logps, num_tokens, entropy, mean_logits, sq, unweighted)
     return make_sequence_logps(per_seq, return_entropy, return_log_sum_sq, token_weights is not None)
+
+
+def _packed_linear(hidden, weight, bias, labels, segments, token_weights, ignore_index, backend, chunk, proj, sq):
+    """The per-sequence tuple of :func:`make_sequence_logps`, each ``[S]``, of a packed batch:
+    :func:`_linear_op` with every token its own length-1 row (per-token statistics, and a
+    per-token gradient scale in the backward), then summed per segment."""
+    n, t, h = hidden.shape
+    rows = (hidden.reshape(n * t, 1, h), weight, bias, labels.reshape(n * t, 1), None, ignore_index, backend)
+    logp, num_tokens, entropy, mean_logits, log_sum_sq, _, _ = _linear_op(*rows, chunk, proj, sq)
+    vocab = weight.shape[0]
+    weights = None if token_weights is None else token_weights.reshape(-1)
+    # A token's mean logit is its sum of logits over V (0 when ignored).
+    return reduce_segments(logp, entropy, mean_logits * vocab, log_sum_sq, num_tokens > 0, segments, vocab, weights)
 
 
 def linear_preference_loss(
@@ -373,6 +398,8 @@ def linear_preference_loss(
     ld_alpha: float | None = None,
     use_weighting: bool = False,
     single_pass: bool | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
     **loss_kwargs,
 ) -> FusedPreferenceLossOutput:
     """Preference loss from last hidden states and the lm_head, logits never materialized.
@@ -399,13 +426,19 @@ def linear_preference_loss(
             ``logps`` come detached). True: require it (ValueError saying why not); False:
             always two passes. The output's ``mode`` says which ran and why.
             A vocab-sharded ``weight`` (as in :func:`linear_sequence_logps`) takes two passes.
+        position_ids, cu_seqlens: packed sequences (padding-free), as in
+            :func:`pyfastpo.fused_preference_loss` (``ref_hidden`` packed the same way);
+            two passes (the single pass groups whole pairs of rows).
 
     Returns:
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies included).
     """
     # Every argument is checked before the first projection.
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
-    check_pairs(hidden.shape[0], "hidden")
+    packing = dict(position_ids=position_ids, cu_seqlens=cu_seqlens)
+    segments = packed_segments(labels.shape, labels.device, **packing)
+    num_seqs = hidden.shape[0] if segments is None else segments.count
+    check_pairs(num_seqs, "hidden" if segments is None else "the packed hidden states")
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
     chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
@@ -425,7 +458,7 @@ def linear_preference_loss(
     elif ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_weight / ref_bias are used only with ref_hidden; pass ref_hidden too, or drop them")
     check_pair_loss_arguments(
-        hidden.shape[0],
+        num_seqs,
         hidden.device,
         weight.shape[0],
         ref_hidden is not None,
@@ -436,13 +469,14 @@ def linear_preference_loss(
         ld_alpha,
         use_weighting,
     )
-    weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index)
+    weights = None if ld_alpha is None else ld_token_weights(labels, ld_alpha, ignore_index, **packing)
     common = dict(
         ignore_index=ignore_index,
         backend=backend,
         chunk_tokens=chunk_tokens,
         memory_budget_bytes=memory_budget_bytes,
         token_weights=weights,
+        **packing,
     )
     others = (ref_chosen_logps, ref_rejected_logps, *loss_kwargs.values())
     graded = any(isinstance(x, torch.Tensor) and x.requires_grad for x in others)
@@ -451,7 +485,8 @@ def linear_preference_loss(
             raise ValueError("single_pass=True cannot run with a vocab-sharded weight; leave single_pass unset")
         groups, mode = None, "two-pass: vocab-sharded weight (one merge of every rank's stats per step)"
     else:
-        groups, mode = _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass, proj, graded)
+        plan = (chunk, loss_type, single_pass, proj, graded, segments is not None)
+        groups, mode = _plan(hidden, weight, bias, labels, ignore_index, *plan)
     reference = None
     if ref_hidden is not None:  # first: the single pass reads the reference's statistics
         with torch.no_grad():
@@ -473,11 +508,11 @@ def linear_preference_loss(
     return _pair_loss(policy, refs, weight.shape[0], loss_type, loss_kwargs, use_weighting)._replace(mode=mode)
 
 
-def _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass, proj, graded) -> tuple:
+def _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_pass, proj, graded, packed) -> tuple:
     """:func:`pyfastpo.linear_single_pass.plan_groups` under the caller's ``single_pass``,
     after the cases the single pass leaves to two passes: torch.compile, float16 (a loss
-    scale must enter before the gradients are rounded to float16), and loss inputs other
-    than hidden, weight and bias that need a gradient (``graded``)."""
+    scale must enter before the gradients are rounded to float16), loss inputs other
+    than hidden, weight and bias that need a gradient (``graded``), and packed sequences."""
     if single_pass is False:
         return None, "two-pass: single_pass=False"
     if torch.compiler.is_compiling():
@@ -486,6 +521,8 @@ def _plan(hidden, weight, bias, labels, ignore_index, chunk, loss_type, single_p
         groups, why = None, "two-pass: float16 (a GradScaler's scale must reach the gradients before rounding)"
     elif graded:
         groups, why = None, "two-pass: a reference log-prob or loss option tensor requires grad"
+    elif packed:
+        groups, why = None, "two-pass: packed sequences (the single pass groups whole pairs of rows)"
     else:
         needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
         groups, why = plan_groups(labels, ignore_index, chunk, loss_type, needs_grad)

@@ -19,6 +19,7 @@ import torch
 from .losses import PreferenceLossOutput, preference_loss
 from .losses.options import needs_reference_entropy
 from .losses.preference_loss import check_loss_kwargs
+from .packed import packed_ld_token_weights, packed_segments
 from .sequence_logps import SequenceLogps
 from .validation import check_pairs
 
@@ -87,16 +88,29 @@ def wpo_pair_weights(policy: SequenceLogps) -> torch.Tensor:
     return chosen * rejected
 
 
-def ld_token_weights(labels: torch.Tensor, ld_alpha: float, ignore_index: int = -100) -> torch.Tensor:
+def ld_token_weights(
+    labels: torch.Tensor,
+    ld_alpha: float,
+    ignore_index: int = -100,
+    *,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """LD-DPO's token weights ``[N, T]`` float32 (Liu et al. 2024, trl 1.13's ``ld_alpha``).
 
     Rows ``[:N/2]`` are the chosen completions and ``[N/2:]`` the rejected ones. Within a
     pair, the first ``min(len_chosen, len_rejected)`` completion tokens of each row weigh 1
     and the rest ``ld_alpha``; ignored tokens weigh 0. ``ld_alpha = 1`` is plain DPO, and
     0 keeps only the shared length. ``labels``: ``[N, T]``, completion tokens not
-    ``ignore_index``.
+    ``ignore_index``. Packed (``position_ids`` or ``cu_seqlens``, as in
+    :func:`pyfastpo.sequence_logps`): the same per packed sequence, the first S/2 chosen
+    and the last S/2 their rejected partners.
     """
     check_ld_alpha(ld_alpha)
+    segments = packed_segments(labels.shape, labels.device, position_ids, cu_seqlens)
+    if segments is not None:
+        check_pairs(segments.count, "the packed labels")
+        return packed_ld_token_weights(labels, segments, ld_alpha, ignore_index)
     check_pairs(labels.shape[0], "labels")
     valid = labels != ignore_index
     position = valid.cumsum(dim=1)  # 1-based index among the row's completion tokens

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 
 from .backends import TokenStats, backend_module, get_backend
+from .packed import packed_segments, reduce_segments
 from .validation import check_flags, check_label_values, check_logits_labels, check_token_weights, is_dtensor
 
 IGNORE_INDEX = -100
@@ -255,6 +256,70 @@ def _backward(ctx, grad_logps, *grads):
 _sequence_logps_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The packed layout (pyfastpo.packed): the same pass, per-token results; the segments are
+# summed outside the op (torch.segment_reduce), and the backward takes a per-token scale.
+
+
+@torch.library.custom_op("pyfastpo::token_logps", mutates_args=())
+def _token_logps_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+    inplace_backward: bool,
+    with_log_sum_sq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp, others, saved)``: per-token log-probs ``[N, T]`` (differentiable), ``[3, N, T]``
+    entropy, sum of logits and ``log sum_v p_v^2`` (zeros unless ``with_log_sum_sq``), and the
+    ``[2, N, T]`` row max and log-sum the backward reads. Label values are checked first."""
+    check_label_values(labels, logits.shape[-1], ignore_index)
+    impl = backend_module(backend)
+    stats = impl.forward(logits, labels, ignore_index, **({"log_sum_sq": True} if with_log_sum_sq else {}))
+    sq = stats.log_sum_sq if with_log_sum_sq else torch.zeros_like(stats.logp)
+    saved = torch.stack((stats.row_max, stats.log_sum))
+    return stats.logp.clone(), torch.stack((stats.entropy, stats.sum_logits, sq)), saved
+
+
+@_token_logps_op.register_fake
+def _(logits, labels, ignore_index, backend, inplace_backward, with_log_sum_sq):
+    n, t, _ = logits.shape
+    dtype = stat_dtype(logits.dtype)
+    return tuple(logits.new_empty(shape, dtype=dtype) for shape in ((n, t), (3, n, t), (2, n, t)))
+
+
+def _token_setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, backend, inplace_backward, _ = inputs
+    ctx.save_for_backward(logits, labels, output[2])
+    ctx.ignore_index, ctx.backend, ctx.inplace = ignore_index, backend, inplace_backward
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _token_backward(ctx, grad_logp, *_):
+    logits, labels, saved = ctx.saved_tensors
+    with torch.no_grad():
+        grad_scale = grad_logp.to(saved.dtype).contiguous()  # [N, T]: run_backward's per-token path
+        args = (labels, saved, grad_scale, ctx.ignore_index, ctx.backend)
+        if ctx.inplace:
+            _backward_inplace_op(logits, *args)
+            out = logits
+        else:
+            out = _backward_op(logits, *args)
+    return first_order_only((out, None, None, None, None, None), (logits,), "sequence_logps")
+
+
+_token_logps_op.register_autograd(_token_backward, setup_context=_token_setup_context)
+
+
+def _packed_sequence_logps(logits, labels, segments, token_weights, ignore_index: int, backend: str, inplace, sq):
+    """The per-sequence tuple of :func:`make_sequence_logps`, each ``[S]``, of a packed batch
+    (``segments``: :func:`pyfastpo.packed.packed_segments`); arguments already validated."""
+    logp, others, _ = _token_logps_op(logits, labels, ignore_index, backend, inplace, sq)
+    weights = None if token_weights is None else token_weights.reshape(-1)
+    valid = (labels != ignore_index).reshape(-1)
+    flat = (x.reshape(-1) for x in others)
+    return reduce_segments(logp.reshape(-1), *flat, valid, segments, logits.shape[-1], weights)
+
+
 def _has_internal_overlap(x: torch.Tensor) -> bool:
     """True when two elements of ``x`` may share memory (e.g. an ``expand``ed tensor)."""
     extent = 1  # one past the largest offset reachable through the inner dims
@@ -289,6 +354,8 @@ def sequence_logps(
     inplace_backward: bool = True,
     token_weights: torch.Tensor | None = None,
     return_log_sum_sq: bool = False,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """Sum of per-token log-probabilities of ``labels`` under ``logits``, per sequence.
 
@@ -314,9 +381,16 @@ def sequence_logps(
             mean logits stay unweighted; ``unweighted_logps`` holds the plain sum.
         return_log_sum_sq: also return the summed per-token ``log sum_v p_v^2``
             (WPO's weight), computed in the same pass by every backend.
+        position_ids: packed sequences (padding-free): ``[N, T]`` integer positions
+            aligned with ``logits``, 0 where a sequence starts (every row starts one), or
+        cu_seqlens: ``[S+1]`` integer cumulative sequence lengths over the flattened
+            ``N*T`` tokens (flash-attention's varlen layout). Either gives S sequences,
+            each inside one row; label each one's last position ``ignore_index`` (it
+            would predict the next one's first token). See :mod:`pyfastpo.packed`.
 
     Returns:
-        :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``.
+        :class:`SequenceLogps` ``(logps, num_tokens, entropy, mean_logits)``, each ``[N]``
+        (``[S]`` packed: one entry per sequence, in order of appearance).
 
     Vocab-parallel: ``logits`` may be a DTensor sharded on V (``Shard(-1)``, what
     ``ColwiseParallel(use_local_output=False)`` on the lm_head gives); each rank streams its
@@ -335,12 +409,19 @@ def sequence_logps(
             inplace_backward=inplace_backward,
             token_weights=token_weights,
             return_log_sum_sq=return_log_sum_sq,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
         )
     labels = check_logits_labels(logits, labels, ignore_index)
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward, return_log_sum_sq=return_log_sum_sq)
     check_token_weights(token_weights, labels)
     impl = get_backend(backend, logits.device, logits.dtype)
     inplace = inplace_backward and can_overwrite(logits)
+    segments = packed_segments(labels.shape, labels.device, position_ids, cu_seqlens)
+    if segments is not None:
+        args = (token_weights, int(ignore_index), impl.name, inplace, return_log_sum_sq)
+        per_seq = _packed_sequence_logps(logits, labels, segments, *args)
+        return make_sequence_logps(per_seq, return_entropy, return_log_sum_sq, token_weights is not None)
     logps, num_tokens, entropy, mean_logits, sq, _, unweighted = _sequence_logps_op(
         logits, labels, token_weights, int(ignore_index), impl.name, inplace, return_log_sum_sq
     )

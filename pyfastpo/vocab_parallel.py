@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import TokenStats, backend_module, get_backend
+from .packed import packed_segments, reduce_segments
 from .sequence_logps import (
     SequenceLogps,
     _has_internal_overlap,
@@ -265,6 +266,8 @@ def sharded_sequence_logps(
     inplace_backward: bool,
     token_weights: torch.Tensor | None,
     return_log_sum_sq: bool,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """:func:`pyfastpo.sequence_logps` of vocab-sharded logits (a DTensor ``[N, T, V]``,
     ``Shard(-1)``): the same :class:`SequenceLogps`, identical on every rank of the
@@ -276,6 +279,7 @@ def sharded_sequence_logps(
     check_same_on_ranks(shard.group, "", labels=labels, token_weights=token_weights)
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward, return_log_sum_sq=return_log_sum_sq)
     check_token_weights(token_weights, labels)
+    segments = packed_segments(labels.shape, labels.device, position_ids, cu_seqlens)
     local = shard.local
     impl = get_backend(backend, local.device, local.dtype)
     check_label_values(labels, shard.vocab, ignore_index)
@@ -283,8 +287,21 @@ def sharded_sequence_logps(
     inplace = bool(inplace_backward) and logits.grad_fn is not None and not _has_internal_overlap(local)
     args = (int(ignore_index), shard.offset, shard.group, impl.name, inplace, return_log_sum_sq)
     per_tok = ShardedLogps.apply(local, labels, *args)
-    stats = TokenStats(*per_tok) if return_log_sum_sq else TokenStats(*per_tok, None)
-    num_tokens = (labels != ignore_index).sum(dim=1)
-    logps, entropy, mean_logits, sq, unweighted = reduce_tokens(stats, num_tokens, shard.vocab, token_weights)
-    per_seq = (logps, num_tokens, entropy, mean_logits, sq, unweighted)
+    per_seq = reduce_per_token(per_tok, labels, ignore_index, shard.vocab, token_weights, segments)
     return make_sequence_logps(per_seq, return_entropy, return_log_sum_sq, token_weights is not None)
+
+
+def reduce_per_token(per_tok: tuple, labels, ignore_index: int, vocab: int, token_weights, segments) -> tuple:
+    """The per-sequence tuple of :func:`pyfastpo.sequence_logps.make_sequence_logps` from merged
+    per-token stats ``[N, T]`` (TokenStats' fields, ``log_sum_sq`` last when present): per row
+    (``[N]``), or per packed sequence (``[S]``) when ``segments`` is given."""
+    stats = TokenStats(*per_tok) if len(per_tok) == len(TokenStats._fields) else TokenStats(*per_tok, None)
+    if segments is not None:
+        flat = [None if x is None else x.reshape(-1) for x in (stats.logp, stats.entropy, stats.sum_logits)]
+        sq = None if stats.log_sum_sq is None else stats.log_sum_sq.reshape(-1)
+        weights = None if token_weights is None else token_weights.reshape(-1)
+        valid = (labels != ignore_index).reshape(-1)
+        return reduce_segments(*flat, sq, valid, segments, vocab, weights)
+    num_tokens = (labels != ignore_index).sum(dim=1)
+    logps, entropy, mean_logits, sq, unweighted = reduce_tokens(stats, num_tokens, vocab, token_weights)
+    return logps, num_tokens, entropy, mean_logits, sq, unweighted

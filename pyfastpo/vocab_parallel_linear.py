@@ -20,9 +20,18 @@ import torch.distributed as dist
 from .backends import TokenStats, backend_module, get_backend
 from .linear import _check_linear, _chunk_tokens, projection_dtype
 from .linear_chunks import add_chunk_gradients, cast, project
-from .sequence_logps import SequenceLogps, first_order_only, make_sequence_logps, reduce_tokens, stat_dtype
+from .packed import packed_segments
+from .sequence_logps import SequenceLogps, first_order_only, make_sequence_logps, stat_dtype
 from .validation import check_flags, check_label_values, check_not_capturing, check_token_weights
-from .vocab_parallel import check_same_on_ranks, local_backward, local_forward, local_labels, merge, vocab_shard
+from .vocab_parallel import (
+    check_same_on_ranks,
+    local_backward,
+    local_forward,
+    local_labels,
+    merge,
+    reduce_per_token,
+    vocab_shard,
+)
 
 FSDP_HINT = (
     "If the weight is an FSDP-sharded parameter (fully_shard also makes Shard(0) DTensors), run the loss "
@@ -133,6 +142,8 @@ def sharded_linear_sequence_logps(
     memory_budget_bytes: int | None,
     token_weights: torch.Tensor | None,
     return_log_sum_sq: bool,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """:func:`pyfastpo.linear_sequence_logps` with a vocab-sharded lm_head (module docstring):
     the same :class:`SequenceLogps` on every rank, ``logps`` differentiable w.r.t. ``hidden``
@@ -141,6 +152,7 @@ def sharded_linear_sequence_logps(
     labels = _check_linear(hidden, weight, bias, labels, ignore_index)
     check_token_weights(token_weights, labels)
     check_flags(return_entropy=return_entropy, return_log_sum_sq=return_log_sum_sq)
+    segments = packed_segments(labels.shape, labels.device, position_ids, cu_seqlens)
     w, b, offset, vocab, group = local_head(weight, bias)
     check_same_on_ranks(group, FSDP_HINT, hidden=hidden, labels=labels, token_weights=token_weights)
     check_label_values(labels, vocab, ignore_index)
@@ -149,8 +161,5 @@ def sharded_linear_sequence_logps(
     chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, max(w.shape[0], 1), proj, hidden.device)
     args = (int(ignore_index), offset, group, impl.name, chunk, proj, return_log_sum_sq)
     per_tok = ShardedLinearLogps.apply(hidden, w, b, labels, *args)
-    stats = TokenStats(*per_tok) if return_log_sum_sq else TokenStats(*per_tok, None)
-    num_tokens = (labels != ignore_index).sum(dim=1)
-    logps, entropy, mean_logits, sq, unweighted = reduce_tokens(stats, num_tokens, vocab, token_weights)
-    per_seq = (logps, num_tokens, entropy, mean_logits, sq, unweighted)
+    per_seq = reduce_per_token(per_tok, labels, ignore_index, vocab, token_weights, segments)
     return make_sequence_logps(per_seq, return_entropy, return_log_sum_sq, token_weights is not None)

@@ -72,11 +72,13 @@ def _tp_logits_case(rank: int, world: int, vocab: int, backend: str) -> dict:
         labels = _batch(2, 6, 9, vocab)
         labels[0, 5] = vocab - 1  # its label has a finite logit
         weights = torch.rand(6, 9, generator=g) + 0.5
-        scale = torch.randn(6, generator=g)
+        positions = torch.cat((torch.arange(4), torch.arange(5))).repeat(6, 1)  # two sequences per row
         for name, kwargs in {
             "plain": {},
             "weighted": dict(token_weights=weights),
+            "packed": dict(position_ids=positions, token_weights=weights),
         }.items():
+            scale = torch.randn(12 if name == "packed" else 6, generator=g)
             dt, leaf, cols = _sharded(full, mesh, rank, world)
             out = pyfastpo.sequence_logps(
                 dt, labels, return_entropy=True, return_log_sum_sq=True, backend=backend, **kwargs
@@ -286,12 +288,36 @@ def _tp_module_case(rank: int, world: int, vocab: int, bias: bool) -> dict:
         out.loss.backward()
         grads = {k: getattr(p.grad, "full_tensor", lambda g=p.grad: g)() for k, p in model.named_parameters()}
         results[path] = dict(summary=_loss_summary(out), grads=grads)
+    results["packed"] = _packed_linear(model, ids, labels)
     return results
+
+
+PACKED_POSITIONS = torch.cat((torch.arange(3), torch.arange(7))).repeat(4, 1)  # two sequences per row
+
+
+def _packed_linear(model, ids, labels) -> dict:
+    """Packed rows through the linear path: per-sequence stats and the hidden states' gradient."""
+    hidden = model.backbone(ids).detach().requires_grad_()
+    stats = pyfastpo.linear_sequence_logps(
+        hidden,
+        model.lm_head.weight,
+        labels,
+        bias=model.lm_head.bias,
+        return_entropy=True,
+        position_ids=PACKED_POSITIONS,
+        chunk_tokens=7,
+        backend="cpp",
+    )
+    (stats.logps * torch.arange(1.0, 9.0)).sum().backward()
+    return dict(fields=_fields(stats), grad=hidden.grad)
 
 
 @pytest.mark.parametrize("world, vocab, bias", [(2, 38, False), (4, 37, True)])
 def test_tensor_parallel_lm_head_matches_one_process(world, vocab, bias, tmp_path):
     for rank, results in enumerate(run_ranks(_tp_module_case, world, tmp_path, vocab, bias)):
+        packed, want_packed = results.pop("packed"), _packed_linear(_model(vocab, bias), *_rank_batch(0, vocab))
+        _assert_same(packed["fields"], want_packed["fields"], f"tp{world} packed rank {rank}")
+        torch.testing.assert_close(packed["grad"], want_packed["grad"], rtol=RTOL, atol=ATOL)
         for path, r in results.items():
             want = _one_process(vocab, 1, path, bias)
             _assert_same(r["summary"], want["summaries"][0], f"tp{world} {path} rank {rank}")

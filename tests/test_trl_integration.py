@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import sys
@@ -243,7 +244,6 @@ UNSUPPORTED = {
     "reference_free:with ref_model": dict(reference_free=True),  # the test passes a ref_model
     "ld_alpha:range": dict(ld_alpha=1.5),
     "use_weighting:with aot": dict(use_weighting=True, loss_type="aot"),
-    "padding_free": dict(padding_free=True),
     "pyfastpo_backend": dict(pyfastpo_backend="cuda" if not torch.cuda.is_available() else "nope"),
 }
 
@@ -393,6 +393,8 @@ TRL_OPTIONS = {
     "ld_dpo_wpo": dict(ld_alpha=0.5, use_weighting=True),
     "wpo": dict(use_weighting=True),
     # (trl 1.13's own use_weighting fails with "hinge": its in-place `*=` on relu's output.)
+    # trl 1.13 warns and falls back to padding; FastDPOTrainer does the same.
+    "padding_free": dict(padding_free=True),
     "wpo_ipo_robust": dict(
         use_weighting=True, loss_type=["ipo", "robust"], loss_weights=[0.5, 1.0], label_smoothing=0.1
     ),
@@ -421,6 +423,23 @@ def test_trl_option_matches_dpo_trainer(name, tokenizer, sft_model, uneven_data,
         args = config(cfg, tmp_path, **dict(PARITY, max_steps=4), **TRL_OPTIONS[name])
         runs.append(train(cls, copy.deepcopy(sft_model), tokenizer, data, args, ref_model=copy.deepcopy(sft_model)))
     assert_same_run(*runs)
+
+
+def test_padding_free_warns_and_falls_back_as_trl_does(tokenizer, sft_model, data, tmp_path, caplog):
+    """trl 1.13 logs a warning for padding_free=True and pads; FastDPOTrainer too (the
+    numbers: TRL_OPTIONS["padding_free"])."""
+    for cls, cfg in ((DPOTrainer, DPOConfig), (FastDPOTrainer, FastDPOConfig)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trl.trainer.dpo_trainer"):
+            trainer = cls(
+                model=copy.deepcopy(sft_model),
+                ref_model=copy.deepcopy(sft_model),
+                args=config(cfg, tmp_path, padding_free=True),
+                train_dataset=data,
+                processing_class=tokenizer,
+            )
+        assert trainer.padding_free is False, cls.__name__
+        assert any("padding_free=True" in r.getMessage() for r in caplog.records), cls.__name__
 
 
 def test_reference_free_runs_no_reference(tokenizer, sft_model, data, tmp_path):

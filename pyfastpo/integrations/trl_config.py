@@ -183,9 +183,9 @@ def check_supported(args) -> None:
                 f"reference_free=True runs no reference model (no Mallows loss needs its entropies), so "
                 f"{', '.join(conflicts)} would have nothing to do; drop them"
             )
-    if args.padding_free:
-        problems.append(
-            "padding_free=True is not supported (trl 1.13's DPOTrainer disables it as well); set padding_free=False"
-        )
+    # padding_free=True is left to trl, as for DPOTrainer: trl 1.13 warns and falls back to padding
+    # (DPOTrainer.__init__ sets self.padding_free = False), so the batches are padded here too. A trl
+    # that packs would hand the loss position_ids; the packed API it would use is pyfastpo's
+    # fused_preference_loss / linear_preference_loss(position_ids=...) (pyfastpo.packed).
     if problems:
         raise ValueError("FastDPOTrainer does not support: " + "; ".join(problems))
