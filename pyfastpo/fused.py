@@ -15,13 +15,12 @@ from .pairs import (
 )
 from .sequence_logps import IGNORE_INDEX, sequence_logps
 from .validation import check_logits_labels, check_pairs, check_reference_input, is_dtensor
+from .vocab_parallel import check_sharded_logits
 
 
 def _check_logits(logits, labels, ignore_index: int, name: str = "logits") -> None:
     """:func:`check_logits_labels`, for vocab-sharded DTensor logits too."""
     if is_dtensor(logits):
-        from .vocab_parallel import check_sharded_logits
-
         check_sharded_logits(logits, labels, ignore_index, name)
     else:
         check_logits_labels(logits, labels, ignore_index, name)

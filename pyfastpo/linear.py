@@ -18,12 +18,12 @@ would cost ten times torch's gradient error).
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 
 from .backends import TokenStats, backend_module, get_backend
 from .linear_chunks import add_chunk_gradients, cast, project
+from .linear_inputs import DEFAULT_MEMORY_BUDGET, check_linear_inputs, chunk_tokens_for, projection_dtype  # noqa: F401
 from .linear_single_pass import attach_gradients, plan_groups, single_pass
 from .losses.preference_loss import PER_PAIR_ARGS
 from .packed import packed_segments, reduce_segments
@@ -43,58 +43,16 @@ from .sequence_logps import (
     token_grad_scale,
 )
 from .validation import (
-    FLOAT_DTYPES,
     check_flags,
     check_label_values,
-    check_labels,
     check_not_capturing,
     check_pairs,
     check_plain_tensor,
     check_reference_input,
-    check_same_device,
     check_token_weights,
     is_dtensor,
 )
-
-DEFAULT_MEMORY_BUDGET = {"cuda": 1 << 30, "cpu": 256 << 20}
-"""Bytes of chunk logits held at once when neither chunk_tokens nor a budget is given, by
-device type. On a GPU each chunk adds a [V, H] product into the float32 weight-gradient
-accumulator (a read-modify-write of 4 x V x H bytes), so small chunks are slow: on an
-H100 at Llama-3-8B's head 1 GiB took 50.7 ms fwd+bwd against 83.9 ms at 256 MiB, for
-265 MiB more peak (benchmarks/results/gpu-h100-2026-11-26). Other devices: the CPU's."""
-
-
-def _positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1 (an integer, or a float with an integral value), else ValueError."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if not ok or value != int(value) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _chunk_tokens(chunk_tokens, memory_budget_bytes, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Valid tokens projected per chunk: ``chunk_tokens``, or as many as ``memory_budget_bytes``
-    (default: :data:`DEFAULT_MEMORY_BUDGET` for ``device``'s type) holds."""
-    if chunk_tokens is not None:
-        return _positive_int("chunk_tokens", chunk_tokens)
-    if memory_budget_bytes is None:
-        budget = DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cpu"])
-    else:
-        budget = _positive_int("memory_budget_bytes", memory_budget_bytes)
-    # A chunk costs its logits plus, in the backends, at most float32 temporaries of the same size.
-    per_token = vocab * (torch.empty((), dtype=dtype).element_size() + 4)
-    return max(1, budget // per_token)
-
-
-def projection_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the lm_head matmul runs in: autocast's dtype when autocast is on for
-    ``device_type`` (what ``hidden @ weight.T`` would give under it; float64 is left
-    alone), else ``dtype``. Forward and backward both project in it explicitly, so the
-    backward's recomputed logits are bit-identical to the forward's even though
-    autograd runs the backward outside autocast."""
-    if dtype != torch.float64 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
+from .vocab_parallel_linear import sharded_linear_sequence_logps
 
 
 def _synchronizing_op_tags() -> dict:
@@ -256,40 +214,6 @@ def _linear_autograd(ctx, grad_logps, *grads):
 _linear_op.register_autograd(_linear_autograd, setup_context=_linear_setup_context)
 
 
-def _check_linear(hidden, weight, bias, labels, ignore_index, what="hidden", w_name="weight", b_name="bias"):
-    """Validate one projection's inputs (``what``, ``w_name``, ``b_name`` name them in
-    messages); return the labels as contiguous int64. A vocab-sharded weight (DTensor,
-    :mod:`pyfastpo.vocab_parallel_linear`) is checked through its local rows."""
-    vocab = weight.shape[0]
-    if is_dtensor(weight):
-        from .vocab_parallel_linear import local_head
-
-        weight, bias = local_head(weight, bias, w_name, b_name)[:2]
-    for name, x in ((what, hidden), (w_name, weight), ("labels", labels)) + (
-        ((b_name, bias),) if bias is not None else ()
-    ):
-        check_plain_tensor(name, x)
-    if hidden.dim() != 3:
-        raise ValueError(f"{what} must have shape [N, T, H], got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(
-            f"{w_name} must have shape [V, H] with H = {what}.shape[-1] = {hidden.shape[2]} "
-            f"(the lm_head's weight), got {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{b_name} must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
-    for name, x in ((what, hidden), (w_name, weight), (b_name, bias)):
-        if x is not None and x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
-    for name, x in ((w_name, weight), (b_name, bias)):
-        if x is not None and x.dtype != hidden.dtype:
-            raise ValueError(
-                f"{what} ({hidden.dtype}) and {name} ({x.dtype}) must share a dtype; cast with .to({hidden.dtype})"
-            )
-    check_same_device(**{what: hidden, w_name: weight, b_name: bias, "labels": labels})
-    return check_labels(labels, tuple(hidden.shape[:2]), vocab, ignore_index, what)
-
-
 def linear_sequence_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -331,8 +255,6 @@ def linear_sequence_logps(
         w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     if is_dtensor(weight):  # vocab-parallel: weight (and bias) DTensors sharded by rows
-        from .vocab_parallel_linear import sharded_linear_sequence_logps
-
         return sharded_linear_sequence_logps(
             hidden,
             weight,
@@ -348,12 +270,12 @@ def linear_sequence_logps(
             position_ids=position_ids,
             cu_seqlens=cu_seqlens,
         )
-    labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    labels = check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     check_token_weights(token_weights, labels)
     check_flags(return_entropy=return_entropy, return_log_sum_sq=return_log_sum_sq)
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
-    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
+    chunk = chunk_tokens_for(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
     segments = packed_segments(labels.shape, labels.device, position_ids, cu_seqlens)
     if segments is not None:
         args = (token_weights, int(ignore_index), impl.name, chunk, proj, return_log_sum_sq)
@@ -434,14 +356,14 @@ def linear_preference_loss(
         :class:`pyfastpo.pairs.FusedPreferenceLossOutput` (policy entropies included).
     """
     # Every argument is checked before the first projection.
-    labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    labels = check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     packing = dict(position_ids=position_ids, cu_seqlens=cu_seqlens)
     segments = packed_segments(labels.shape, labels.device, **packing)
     num_seqs = hidden.shape[0] if segments is None else segments.count
     check_pairs(num_seqs, "hidden" if segments is None else "the packed hidden states")
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
-    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
+    chunk = chunk_tokens_for(chunk_tokens, memory_budget_bytes, weight.shape[0], proj, hidden.device)
     if single_pass not in (None, True, False):
         raise ValueError(f"single_pass must be None (automatic), True or False, got {single_pass!r}")
     if ref_hidden is not None:
@@ -454,7 +376,7 @@ def linear_preference_loss(
             raise ValueError(
                 f"ref_weight has {ref_w.shape[0]} rows (V) but weight has {weight.shape[0]}: same vocabulary needed"
             )
-        _check_linear(ref_hidden, ref_w, ref_b, labels, ignore_index, "ref_hidden", "ref_weight", "ref_bias")
+        check_linear_inputs(ref_hidden, ref_w, ref_b, labels, ignore_index, "ref_hidden", "ref_weight", "ref_bias")
     elif ref_weight is not None or ref_bias is not None:
         raise ValueError("ref_weight / ref_bias are used only with ref_hidden; pass ref_hidden too, or drop them")
     check_pair_loss_arguments(

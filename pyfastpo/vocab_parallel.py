@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .backends import TokenStats, backend_module, get_backend
 from .packed import packed_segments, reduce_segments
-from .sequence_logps import (
+from .sequence_stats import (
     SequenceLogps,
     _has_internal_overlap,
     first_order_only,
@@ -113,6 +113,22 @@ def check_same_on_ranks(group, hint: str, **tensors: torch.Tensor | None) -> Non
             f"{', '.join(which)} differ across the ranks that shard the vocabulary; a vocab-parallel call needs "
             f"the same tokens on every rank of the tensor-parallel group. {hint}"
         )
+
+
+def local_head(weight, bias, w_name: str = "weight", b_name: str = "bias"):
+    """``(weight_r, bias_r, offset, vocab, group)`` of a vocab-sharded lm_head: DTensors
+    ``[V, H]`` and ``[V]`` sharded by rows on one mesh dimension (the bias, when given, a
+    DTensor sharded the same way)."""
+    shard = vocab_shard(weight, 0, w_name)
+    local_bias = None
+    if bias is not None:
+        if not is_dtensor(bias):
+            raise ValueError(f"{w_name} is a vocab-sharded DTensor, so {b_name} must be one too (Shard(0))")
+        b_shard = vocab_shard(bias, 0, b_name)
+        if b_shard.offset != shard.offset or b_shard.local.shape[0] != shard.local.shape[0]:
+            raise ValueError(f"{b_name} must be sharded over the vocabulary exactly as {w_name}")
+        local_bias = b_shard.local
+    return shard.local, local_bias, shard.offset, shard.vocab, shard.group
 
 
 class LocalLabels(NamedTuple):

@@ -18,19 +18,19 @@ import torch
 import torch.distributed as dist
 
 from .backends import TokenStats, backend_module, get_backend
-from .linear import _check_linear, _chunk_tokens, projection_dtype
 from .linear_chunks import add_chunk_gradients, cast, project
+from .linear_inputs import check_linear_inputs, chunk_tokens_for, projection_dtype
 from .packed import packed_segments
-from .sequence_logps import SequenceLogps, first_order_only, make_sequence_logps, stat_dtype
+from .sequence_stats import SequenceLogps, first_order_only, make_sequence_logps, stat_dtype
 from .validation import check_flags, check_label_values, check_not_capturing, check_token_weights
 from .vocab_parallel import (
     check_same_on_ranks,
     local_backward,
     local_forward,
+    local_head,
     local_labels,
     merge,
     reduce_per_token,
-    vocab_shard,
 )
 
 FSDP_HINT = (
@@ -110,24 +110,6 @@ class ShardedLinearLogps(torch.autograd.Function):
         return first_order_only(grads + (None,) * 8, (hidden, weight, bias), "linear_sequence_logps")
 
 
-def local_head(weight, bias, w_name: str = "weight", b_name: str = "bias"):
-    """``(weight_r, bias_r, offset, vocab, group)`` of a vocab-sharded lm_head: DTensors
-    ``[V, H]`` and ``[V]`` sharded by rows on one mesh dimension (the bias, when given, a
-    DTensor sharded the same way)."""
-    shard = vocab_shard(weight, 0, w_name)
-    local_bias = None
-    if bias is not None:
-        from .validation import is_dtensor
-
-        if not is_dtensor(bias):
-            raise ValueError(f"{w_name} is a vocab-sharded DTensor, so {b_name} must be one too (Shard(0))")
-        b_shard = vocab_shard(bias, 0, b_name)
-        if b_shard.offset != shard.offset or b_shard.local.shape[0] != shard.local.shape[0]:
-            raise ValueError(f"{b_name} must be sharded over the vocabulary exactly as {w_name}")
-        local_bias = b_shard.local
-    return shard.local, local_bias, shard.offset, shard.vocab, shard.group
-
-
 @torch.compiler.disable  # collectives inside: it runs eagerly, a graph break under torch.compile
 def sharded_linear_sequence_logps(
     hidden: torch.Tensor,
@@ -149,7 +131,7 @@ def sharded_linear_sequence_logps(
     the same :class:`SequenceLogps` on every rank, ``logps`` differentiable w.r.t. ``hidden``
     (plain, the same on every rank) and each rank's rows of ``weight``/``bias``. Communication:
     two all-reduces of per-valid-token float32 stats forward, one of ``[N, T, H]`` backward."""
-    labels = _check_linear(hidden, weight, bias, labels, ignore_index)
+    labels = check_linear_inputs(hidden, weight, bias, labels, ignore_index)
     check_token_weights(token_weights, labels)
     check_flags(return_entropy=return_entropy, return_log_sum_sq=return_log_sum_sq)
     segments = packed_segments(labels.shape, labels.device, position_ids, cu_seqlens)
@@ -158,7 +140,7 @@ def sharded_linear_sequence_logps(
     check_label_values(labels, vocab, ignore_index)
     proj = projection_dtype(hidden.device.type, hidden.dtype)
     impl = get_backend(backend, hidden.device, proj)
-    chunk = _chunk_tokens(chunk_tokens, memory_budget_bytes, max(w.shape[0], 1), proj, hidden.device)
+    chunk = chunk_tokens_for(chunk_tokens, memory_budget_bytes, max(w.shape[0], 1), proj, hidden.device)
     args = (int(ignore_index), offset, group, impl.name, chunk, proj, return_log_sum_sq)
     per_tok = ShardedLinearLogps.apply(hidden, w, b, labels, *args)
     per_seq = reduce_per_token(per_tok, labels, ignore_index, vocab, token_weights, segments)

@@ -193,7 +193,7 @@ def test_bfloat16_peak_memory_has_no_weight_sized_temporaries():
 def test_default_chunk_budget_is_per_device_type():
     """1 GiB of chunk logits on CUDA (each chunk rewrites the float32 weight-gradient
     accumulator: small chunks are slow there), 256 MiB elsewhere; explicit values win."""
-    from pyfastpo.linear import _chunk_tokens
+    from pyfastpo.linear_inputs import chunk_tokens_for as _chunk_tokens
 
     per_token = 128256 * (2 + 4)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
