@@ -300,7 +300,8 @@ def sharded_sequence_logps(
     impl = get_backend(backend, local.device, local.dtype)
     check_label_values(labels, shard.vocab, ignore_index)
     # In place only into logits autograd produced (never a caller's leaf), as on one rank.
-    inplace = bool(inplace_backward) and logits.grad_fn is not None and not _has_internal_overlap(local)
+    owner = logits._base if logits._base is not None else logits  # a view of a caller's leaf is never written
+    inplace = bool(inplace_backward) and owner.grad_fn is not None and not _has_internal_overlap(local)
     args = (int(ignore_index), shard.offset, shard.group, impl.name, inplace, return_log_sum_sq)
     per_tok = ShardedLogps.apply(local, labels, *args)
     per_seq = reduce_per_token(per_tok, labels, ignore_index, shard.vocab, token_weights, segments)

@@ -191,6 +191,10 @@ def test_dtensor_is_refused_before_any_pointer(backend, tmp_path):
     y = torch.randint(0, 50, (2, 3))
     by_vocab = pyfastpo.sequence_logps(distribute_tensor(x, mesh, [Shard(2)]), y, backend=backend)
     torch.testing.assert_close(by_vocab.logps, pyfastpo.sequence_logps(x, y, backend=backend).logps)
+    # A caller's leaf is never overwritten by the in-place backward, not even through a view.
+    leaf = distribute_tensor(x.clone(), mesh, [Shard(2)]).requires_grad_()
+    pyfastpo.sequence_logps(leaf[:, :2], y[:, :2], backend=backend).logps.sum().backward()
+    torch.testing.assert_close(leaf.to_local(), x, rtol=0, atol=0)
     by_rows = distribute_tensor(x, mesh, [Shard(0)])
     with pytest.raises(ValueError, match="DTensor with placements.*sharded on the vocabulary"):
         pyfastpo.sequence_logps(by_rows, y, backend=backend)
