@@ -40,6 +40,7 @@ demo: setup
 	OMP_WAIT_POLICY=passive $(PY) -m pyfastpo.bench --quick
 	OMP_WAIT_POLICY=passive $(PY) -m pyfastpo.demo
 	OMP_WAIT_POLICY=passive $(PY) examples/train_tiny_dpo.py --out out/tiny_dpo
+	OMP_WAIT_POLICY=passive $(PY) examples/prompts_to_dpo.py --out out/prompts_to_dpo
 
 bench: setup
 	$(PY) -m pyfastpo.bench
