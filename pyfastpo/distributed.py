@@ -89,6 +89,10 @@ def lm_head_preference_loss(
     if not isinstance(lm_head, torch.nn.Module) or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
         raise ValueError(f"lm_head must be a module with a weight (an nn.Linear), got {type(lm_head).__name__}")
     other_ref = ref_lm_head is not None and ref_lm_head is not lm_head
+    if ref_lm_head is not None and ref_hidden is None:
+        raise ValueError("ref_lm_head is used only with ref_hidden; pass ref_hidden too, or drop it")
+    if ref_hidden is not None and ({"ref_weight", "ref_bias"} & kwargs.keys()):
+        raise ValueError("give the reference's lm_head as ref_lm_head, not ref_weight / ref_bias")
 
     def forward(h):
         # Inside the call: the wrapper's hooks have run, the parameters are whole here.

@@ -101,17 +101,26 @@ def check_same_on_ranks(group, hint: str, **tensors: torch.Tensor | None) -> Non
     batch with a weight sharded by FSDP (also ``Shard(0)`` DTensors) would otherwise give
     silently wrong numbers. ``hint`` ends the message."""
     names = [k for k, x in tensors.items() if x is not None]
-    xs = [tensors[k].detach().double() for k in names]
-    sums = torch.stack([s for x in xs for s in (x.sum(), (x * x).sum())])
+    sums = []
+    for name in names:
+        x = tensors[name].detach().reshape(-1)
+        x = x if x.is_floating_point() else x.double()  # integers: exact in float64 at these sizes
+        # Order-sensitive too (a position weight), without a float64 copy of a large tensor.
+        ramp = (torch.arange(x.numel(), device=x.device) % 7 + 1).to(x.dtype)
+        sums += [x.sum(dtype=torch.float64), torch.linalg.vector_norm(x, dtype=torch.float64) ** 2]
+        sums.append((x * ramp).sum(dtype=torch.float64))
+    sums = torch.stack(sums)
     both = torch.cat((sums, -sums))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     n = sums.numel()
-    differ = ~(torch.isclose(both[:n], -both[n:], rtol=1e-12, atol=0) | torch.isnan(sums))
-    if bool(differ.any()):
-        which = sorted({names[i // 2] for i in differ.nonzero().flatten().tolist()})
+    high, low = both[:n], -both[n:]
+    # Decided from the reduced values only, so every rank takes the same branch.
+    same = torch.isclose(high, low, rtol=1e-12, atol=0) | (torch.isnan(high) & torch.isnan(low))
+    if not bool(same.all()):
+        which = sorted({names[i // 3] for i in (~same).nonzero().flatten().tolist()})
         raise ValueError(
             f"{', '.join(which)} differ across the ranks that shard the vocabulary; a vocab-parallel call needs "
-            f"the same tokens on every rank of the tensor-parallel group. {hint}"
+            f"the same tokens on every rank of the tensor-parallel group.{' ' + hint if hint else ''}"
         )
 
 
@@ -181,8 +190,8 @@ def merge(stats: TokenStats, target: torch.Tensor, valid: torch.Tensor, group) -
     big_m = m.clone()
     dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
     # A slice holding no mass (width 0, or only -inf logits: its own log_sum is NaN) adds 0;
-    # any other NaN (a NaN or +inf logit in some slice) reaches every rank through the sums.
-    holds = valid & (m > neg_inf)
+    # a NaN row max spreads through log_a. Undefined rows are decided after the sums below.
+    holds = valid & (m != neg_inf)
     m_safe = torch.where(holds, m, 0)
     log_a = torch.where(holds, m_safe - torch.where(holds, big_m, 0) + stats.log_sum, neg_inf)
     a = torch.exp(log_a)
@@ -196,7 +205,11 @@ def merge(stats: TokenStats, target: torch.Tensor, valid: torch.Tensor, group) -
     sums = torch.stack(parts)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
     total, ent_sum, sum_logits, x_y = sums[:4]
-    log_s = torch.log(total)
+    # An undefined row, as on one rank: a NaN logit anywhere (the logit sum is NaN whatever a
+    # backend's max did with it, and collectives' MAX may drop a NaN), a +inf logit, or no
+    # mass at all (only -inf logits). Its log-sum is NaN, so its gradient is NaN too.
+    undefined = torch.isnan(sum_logits) | torch.isnan(big_m) | (big_m == float("inf")) | (total == 0)
+    log_s = torch.where(undefined, float("nan"), torch.log(total))
     zero = torch.zeros((), dtype=log_s.dtype, device=log_s.device)
     row_max = torch.where(valid, big_m, zero)
     log_sum = torch.where(valid, log_s, zero)
@@ -292,10 +305,12 @@ def sharded_sequence_logps(
     ``[4 or 5, N, T]``."""
     shard, labels = check_sharded_logits(logits, labels, ignore_index)
     token_weights = replicated_local(token_weights, "token_weights")
-    check_same_on_ranks(shard.group, "", labels=labels, token_weights=token_weights)
     check_flags(return_entropy=return_entropy, inplace_backward=inplace_backward, return_log_sum_sq=return_log_sum_sq)
     check_token_weights(token_weights, labels)
     segments = packed_segments(labels.shape, labels.device, position_ids, cu_seqlens)
+    # Every per-rank check above comes before the first collective: no rank raises alone.
+    packing = dict(position_ids=position_ids, cu_seqlens=cu_seqlens)
+    check_same_on_ranks(shard.group, "", labels=labels, token_weights=token_weights, **packing)
     local = shard.local
     impl = get_backend(backend, local.device, local.dtype)
     check_label_values(labels, shard.vocab, ignore_index)

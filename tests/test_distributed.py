@@ -43,7 +43,9 @@ def _loss_summary(out) -> dict:
 def _assert_same(got: dict, want: dict, what: str, rtol=RTOL, atol=ATOL):
     assert got.keys() == want.keys(), (what, got.keys() ^ want.keys())
     for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{what} {k}: {m}")
+        torch.testing.assert_close(
+            got[key], want[key], rtol=rtol, atol=atol, equal_nan=True, msg=lambda m, k=key: f"{what} {k}: {m}"
+        )
 
 
 # ------------------------------------------------------------------ vocab-parallel logits
@@ -92,6 +94,27 @@ def _tp_logits_case(rank: int, world: int, vocab: int, backend: str) -> dict:
             key = f"{dtype}/{name}"
             results[key] = dict(got=_fields(out), want=_fields(ref), grad=leaf.grad, want_grad=one.grad[..., cols])
 
+        # Undefined rows, as on one process: a NaN logit (in the label's slice, or another),
+        # a +inf logit, only -inf logits. NaN log-prob, entropy and gradient on every rank.
+        special = full.clone()
+        special[1, 4, vocab - 1] = float("nan")
+        special[2, 5, 0] = float("inf")
+        special[3, 6] = -float("inf")
+        special[4, 7, : max(1, vocab // 4)] = float("nan")  # a NaN slice, the label elsewhere
+        special_labels = _batch(4, 6, 9, vocab, all_ignored_row=False)
+        special_labels[1:5, 4:8] = vocab // 2
+        dt, leaf, cols = _sharded(special, mesh, rank, world)
+        out = pyfastpo.sequence_logps(dt, special_labels, return_entropy=True, return_log_sum_sq=True, backend=backend)
+        out.logps.sum().backward()
+        one = special.clone().requires_grad_()
+        ref = pyfastpo.sequence_logps(
+            one * 1.0, special_labels, return_entropy=True, return_log_sum_sq=True, backend=backend
+        )
+        ref.logps.sum().backward()
+        results[f"{dtype}/undefined rows"] = dict(
+            got=_fields(out), want=_fields(ref), grad=leaf.grad, want_grad=one.grad[..., cols]
+        )
+
         # The whole loss: a Mallows type (reference entropies), LD-DPO, WPO, NLL.
         # (No all-ignored completion: WPO's per-token mean is 0/0 there, NaN on one process too.)
         labels = _batch(3, 6, 9, vocab, all_ignored_row=False)
@@ -125,7 +148,9 @@ def test_vocab_parallel_logits_match_one_process(world, vocab, backend, tmp_path
             # bf16: the same logits, so the same float32 math; only the gradient rounds to bf16.
             _assert_same(r["got"], r["want"], f"rank {rank} {key}")
             tol = dict(rtol=1e-2, atol=1e-2) if bf16 else dict(rtol=RTOL, atol=1e-7)
-            torch.testing.assert_close(r["grad"], r["want_grad"], **tol, msg=lambda m, k=key: f"{k} grad: {m}")
+            torch.testing.assert_close(
+                r["grad"], r["want_grad"], **tol, equal_nan=True, msg=lambda m, k=key: f"{k} grad: {m}"
+            )
 
 
 # ------------------------------------------------------- a tiny model for the wrapped runs
@@ -322,3 +347,22 @@ def test_tensor_parallel_lm_head_matches_one_process(world, vocab, bias, tmp_pat
             want = _one_process(vocab, 1, path, bias)
             _assert_same(r["summary"], want["summaries"][0], f"tp{world} {path} rank {rank}")
             _assert_same(r["grads"], want["grads"], f"tp{world} {path} grads", atol=1e-7)
+
+
+def test_lm_head_preference_loss_refuses_mismatched_reference_arguments():
+    from pyfastpo.distributed import lm_head_preference_loss
+
+    model = _model(11)
+    ids, labels = _rank_batch(0, 11)
+    hidden = model.backbone(ids)
+    with pytest.raises(ValueError, match="ref_lm_head is used only with ref_hidden"):
+        lm_head_preference_loss(model.lm_head, hidden, labels, ref_lm_head=model.lm_head)
+    with pytest.raises(ValueError, match="as ref_lm_head, not ref_weight"):
+        lm_head_preference_loss(model.lm_head, hidden, labels, ref_hidden=hidden, ref_weight=model.lm_head.weight)
+    # On one process it is linear_preference_loss itself, the module's own forward restored after.
+    out = lm_head_preference_loss(model.lm_head, hidden, labels, ref_hidden=hidden.detach(), backend="cpp")
+    want = pyfastpo.linear_preference_loss(
+        hidden, model.lm_head.weight, labels, ref_hidden=hidden.detach(), backend="cpp"
+    )
+    torch.testing.assert_close(out.loss, want.loss, rtol=0, atol=0)
+    assert "forward" not in model.lm_head.__dict__

@@ -424,7 +424,10 @@ class FastDPOTrainer(DPOTrainer):
 
         ref_kwargs = self._reference_inputs(inputs)  # precomputed, {}, or None: streamed from the reference model
         if self.accelerator.num_processes > 1:
-            out = self._linear_loss_in_forward(model, model_kwargs, labels, ref_kwargs)
+            # Under accelerate's autocast (bf16/fp16): the swapped-in forward replaces the top
+            # model's forward, which is where accelerate installs it.
+            with self.accelerator.autocast():
+                out = self._linear_loss_in_forward(model, model_kwargs, labels, ref_kwargs)
         else:
             model = self.accelerator.unwrap_model(model)
             if ref_kwargs is None:
@@ -467,7 +470,7 @@ class FastDPOTrainer(DPOTrainer):
             ref_kwargs = self._reference_stats_in_forward(model, model_kwargs, labels)
         inner = _causal_lm(self.accelerator.unwrap_model(model))
 
-        def forward(*_args, **_kwargs):  # the wrapper passes model_kwargs back (maybe cast): read them here
+        def forward(*_args, **_kwargs):  # the wrapper hands model_kwargs back: the closure's are used
             hidden = _backbone(inner)(**model_kwargs).last_hidden_state
             return lm_head_preference_loss(
                 inner.get_output_embeddings(),
