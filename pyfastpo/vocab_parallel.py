@@ -18,6 +18,9 @@ global ``M`` and ``log s``. The kernels take labels inside their slice, so a tok
 label another rank holds runs with label 0 (a placeholder), and that column is then
 rewritten as ``-g p_0`` from its logit read before the kernel (the kernel's ``g (1 - p_0)``
 is never used: no cancellation). A slice of width 0 (uneven shards) contributes nothing.
+A row with a NaN or +inf logit, or only -inf logits, is undefined as on one rank (NaN
+log-prob, entropy and gradient), decided from the merged sums, whatever a backend's or a
+collective's max does with NaN.
 """
 
 from __future__ import annotations
