@@ -113,17 +113,22 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:6])  # logps and unweighted_logps carry gradients
 
 
+def _logits_gradient(ctx, logits, labels, saved, grad_scale) -> torch.Tensor:
+    """The logits' gradient through the backward ops: written into ``logits`` when the forward
+    allowed it (``ctx.inplace``; the op bumps their version, so any other saved use of them
+    fails loudly), else a fresh tensor. ``grad_scale`` ``[N]`` or ``[N, T]``."""
+    args = (labels, saved, grad_scale, ctx.ignore_index, ctx.backend)
+    if ctx.inplace:
+        _backward_inplace_op(logits, *args)
+        return logits
+    return _backward_op(logits, *args)
+
+
 def _backward(ctx, grad_logps, *grads):
     logits, labels, saved, token_weights = ctx.saved_tensors
     with torch.no_grad():
         grad_scale = token_grad_scale(grad_logps, grads[-1], token_weights, saved.dtype)
-        args = (labels, saved, grad_scale, ctx.ignore_index, ctx.backend)
-        if ctx.inplace:
-            # The op bumps the logits' version: any other saved use of them fails loudly.
-            _backward_inplace_op(logits, *args)
-            out = logits
-        else:
-            out = _backward_op(logits, *args)
+        out = _logits_gradient(ctx, logits, labels, saved, grad_scale)
     return first_order_only((out, None, None, None, None, None, None), (logits,), "sequence_logps")
 
 
@@ -172,12 +177,7 @@ def _token_backward(ctx, grad_logp, *_):
     logits, labels, saved = ctx.saved_tensors
     with torch.no_grad():
         grad_scale = grad_logp.to(saved.dtype).contiguous()  # [N, T]: run_backward's per-token path
-        args = (labels, saved, grad_scale, ctx.ignore_index, ctx.backend)
-        if ctx.inplace:
-            _backward_inplace_op(logits, *args)
-            out = logits
-        else:
-            out = _backward_op(logits, *args)
+        out = _logits_gradient(ctx, logits, labels, saved, grad_scale)
     return first_order_only((out, None, None, None, None, None), (logits,), "sequence_logps")
 
 
